@@ -1,0 +1,33 @@
+# Two commands do all the set-up on a fresh machine (Python 3.11, no GPU, package registries only):
+#   make test   create/reuse .venv and run the whole test suite
+#   make book   create/reuse .venv, run every notebook with papermill and build the HTML book
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.adcore-installed
+
+.PHONY: venv test test-fast book clean
+
+venv: $(STAMP)
+
+# torch and torchvision first, pinned: pip takes this CUDA build (it runs on the CPU) from local disk in about a
+# minute, and torchvision only imports beside this torch. Everything else comes from pyproject.toml.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+test: venv
+	$(PY) -m pytest -q -ra
+
+# Everything but the notebook runs and the book build.
+test-fast: venv
+	$(PY) -m pytest -q -ra -m "not notebook"
+
+book: venv
+	$(PY) -m adcore book
+
+clean:
+	rm -rf book/_build book/_runs results checkpoints runs

@@ -1,0 +1,25 @@
+"""adcore: five image anomaly-detection papers (VT-ADL, ADViT, AnoViT, DMAD, AAND) re-implemented on one core.
+
+The public surface::
+
+    ds = adcore.load_dataset("textures", "brick", "train", image_size=128)
+    model = adcore.create_model("knn")
+    adcore.fit(model, ds, num_epochs=0)
+    result = adcore.evaluate(model, adcore.load_dataset("textures", "brick", "test", image_size=128))
+"""
+from __future__ import annotations
+
+from .data import list_categories, load_dataset
+from .evaluation import evaluate
+from .experiment import ExperimentResult, run_experiment
+from .registry import create_model, list_models, register_model
+from .training import NonFiniteLossError, fit
+from .types import AnomalyModel, AnomalyOutput
+from .utils import seed_everything
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AnomalyModel", "AnomalyOutput", "ExperimentResult", "NonFiniteLossError", "create_model", "evaluate", "fit",
+    "list_categories", "list_models", "load_dataset", "register_model", "run_experiment", "seed_everything",
+]

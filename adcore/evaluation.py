@@ -1,0 +1,174 @@
+"""``evaluate``: the one post-processing step and metric set shared by every method, written to a results file.
+
+Protocol (the same for all five papers and the baseline, so the comparison is fair):
+
+1. the model's anomaly map is upsampled bilinearly to the mask resolution;
+2. smoothed with a Gaussian of σ = 4 pixels (``scipy.ndimage.gaussian_filter``), as every paper's code does;
+3. the image score is the max of the smoothed map, unless the model declares a score of its own
+   (``own_image_score``; the result says which);
+4. image AUROC, pixel AUROC over all test pixels, AUPRO to FPR 0.3 (the MVTec AD definition), F1-max (an oracle
+   threshold, labelled as such), and the papers' own protocols under their own names.
+
+No threshold or checkpoint is chosen here: the model arrives trained for a fixed number of epochs.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.ndimage import gaussian_filter
+
+from . import metrics
+from .types import AnomalyModel, AnomalyOutput
+from .utils import atomic_write_bytes, params_hash, resolve_device
+
+PROTOCOL = "adcore-v1: bilinear upsample to mask size, Gaussian sigma=4, AUPRO (MVTec AD definition) to FPR 0.3"
+
+
+def _postprocess(anomaly_map: torch.Tensor, size: tuple[int, int], sigma: float) -> np.ndarray:
+    """(B, h, w) raw map → (B, H, W) float32 smoothed map at mask resolution."""
+    if anomaly_map.ndim != 3:
+        raise ValueError(f"anomaly_map must be (B, h, w), got shape {tuple(anomaly_map.shape)}")
+    amap = anomaly_map.detach().float()
+    if tuple(amap.shape[-2:]) != tuple(size):
+        amap = F.interpolate(amap[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+    amap = amap.cpu().numpy()
+    if sigma > 0:
+        amap = np.stack([gaussian_filter(m, sigma=sigma) for m in amap])
+    return amap.astype(np.float32)
+
+
+@torch.no_grad()
+def predict_dataset(model: AnomalyModel, test_data, *, batch_size: int = 8, sigma: float = 4.0, device="cpu",
+                    progress: bool = False) -> dict:
+    """Run ``model`` over ``test_data`` and apply the shared post-processing.
+
+    Returns a dict of arrays: images (N, S, S, 3) uint8, maps (N, H, W) float32 (smoothed, mask resolution),
+    raw_scores (N,) the model's ``pred_score``, map_scores (N,) max of each smoothed map, masks (N, H, W) uint8,
+    labels (N,), paths, defects.
+    """
+    device = resolve_device(device)
+    model.to(device).eval()
+    loader = torch.utils.data.DataLoader(test_data, batch_size=batch_size, shuffle=False, num_workers=0)
+    if progress:
+        from tqdm.auto import tqdm
+        loader = tqdm(loader, desc="evaluate", leave=False)
+    images, maps, raw_scores, masks, labels, paths, defects = [], [], [], [], [], [], []
+    for batch in loader:
+        out = model.predict(batch["image"].to(device))
+        if not isinstance(out, AnomalyOutput):
+            raise TypeError(f"{type(model).__name__}.predict must return an AnomalyOutput, got {type(out).__name__}")
+        b = batch["image"].shape[0]
+        if out.pred_score.shape != (b,) or out.anomaly_map.ndim != 3 or out.anomaly_map.shape[0] != b:
+            raise ValueError(f"{type(model).__name__}.predict broke the output contract: pred_score "
+                             f"{tuple(out.pred_score.shape)} (want ({b},)), anomaly_map {tuple(out.anomaly_map.shape)}"
+                             f" (want ({b}, h, w))")
+        mask = batch["mask"]
+        amap = _postprocess(out.anomaly_map, tuple(mask.shape[-2:]), sigma)
+        if not np.isfinite(amap).all() or not torch.isfinite(out.pred_score).all():
+            raise ValueError(f"{type(model).__name__} produced non-finite scores on {batch['path'][0]!r} (batch)")
+        maps.append(amap)
+        raw_scores.append(out.pred_score.detach().float().cpu().numpy())
+        masks.append(mask.numpy().astype(np.uint8))
+        labels.append(np.asarray(batch["label"]))
+        images.append((batch["image"].clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy())
+        paths += list(batch["path"])
+        defects += list(batch.get("defect", [""] * b))
+    maps = np.concatenate(maps)
+    return {"images": np.concatenate(images), "maps": maps, "raw_scores": np.concatenate(raw_scores),
+            "map_scores": maps.reshape(len(maps), -1).max(axis=1), "masks": np.concatenate(masks),
+            "labels": np.concatenate(labels).astype(np.int64), "paths": paths, "defects": defects}
+
+
+def _results_path(results_dir: Path, run_id: str) -> Path:
+    return results_dir / f"{run_id}.json"
+
+
+def _write_new(results_dir: Path, run_id: str, payload: bytes) -> Path:
+    """Write ``payload`` to ``<run_id>.json``, or ``<run_id>-2.json``, ... — never over another run's file."""
+    results_dir.mkdir(parents=True, exist_ok=True)
+    n = 1
+    while True:
+        path = _results_path(results_dir, run_id if n == 1 else f"{run_id}-{n}")
+        tmp = atomic_write_bytes(results_dir / f".{path.name}.partial-{os.getpid()}", payload)
+        try:
+            os.link(tmp, path)  # fails if the name is taken, even by a concurrent writer
+            return path
+        except FileExistsError:
+            n += 1
+        finally:
+            tmp.unlink()
+
+
+def evaluate(model: AnomalyModel, test_data, *, run_name: str | None = None, params: dict | None = None,
+             results_dir="results", batch_size: int = 8, sigma: float = 4.0, device="cpu", seed: int | None = None,
+             return_arrays: bool = False, progress: bool = False, write: bool = True, extra: dict | None = None):
+    """Score ``test_data`` with ``model`` under the shared protocol and write ``results_dir/<run_id>.json``.
+
+    Args:
+        model: a trained :class:`AnomalyModel`.
+        test_data: a test split from ``adcore.load_dataset``.
+        run_name: names the run in the results file (default: the model's registered name).
+        params: every parameter of the run (model and training); stored in the results and hashed into the run id.
+        results_dir: folder for the results JSON (``None`` or ``write=False`` writes nothing).
+        sigma: Gaussian smoothing of the map, in pixels at mask resolution.
+        return_arrays: also return the arrays of :func:`predict_dataset` (for plots and the viewer).
+        extra: more fields to store in the results (e.g. training time).
+
+    Returns:
+        The results dict (and the arrays dict when ``return_arrays``). Keys: image_auroc, pixel_auroc, aupro,
+        f1_max_oracle, pro_rd4ad, vtadl_pro, image_score, model, dataset, category, protocol, resolution, ...
+        Pixel metrics are ``None`` for image-level benchmarks (``digits``).
+    """
+    t0 = time.perf_counter()
+    arrays = predict_dataset(model, test_data, batch_size=batch_size, sigma=sigma, device=device, progress=progress)
+    labels = arrays["labels"]
+    if labels.min() == labels.max():
+        raise ValueError(f"the test set of {getattr(test_data, 'category', '?')!r} has only "
+                         f"{'anomalous' if labels[0] else 'good'} images; AUROC needs both")
+    own = bool(getattr(model, "own_image_score", False))
+    scores = arrays["raw_scores"] if own else arrays["map_scores"]
+    arrays["scores"] = scores
+    has_masks = bool(getattr(test_data, "has_masks", True)) and arrays["masks"].any()
+    h, w = arrays["maps"].shape[-2:]
+    name = getattr(model, "model_name", type(model).__name__)
+    params = dict(params or {})
+    result = {
+        "model": name,
+        "run_name": run_name or name,
+        "dataset": getattr(test_data, "name", "?"),
+        "category": getattr(test_data, "category", "?"),
+        "protocol": PROTOCOL,
+        "resolution": f"{h}x{w}",
+        "image_size": getattr(test_data, "image_size", None),
+        "image_score": "model-defined score (pred_score)" if own else "max of smoothed map",
+        "sigma": sigma,
+        "n_test": int(len(labels)),
+        "n_anomalous": int(labels.sum()),
+        "image_auroc": metrics.image_auroc(labels, scores),
+        "image_auroc_map_max": metrics.image_auroc(labels, arrays["map_scores"]),
+        "f1_max_oracle": metrics.f1_max(labels, scores),
+        "pixel_auroc": metrics.pixel_auroc(arrays["maps"], arrays["masks"]) if has_masks else None,
+        "aupro": metrics.aupro(arrays["maps"], arrays["masks"]) if has_masks else None,
+        "pro_rd4ad": metrics.pro_rd4ad(arrays["maps"], arrays["masks"]) if has_masks else None,
+        "vtadl_pro": metrics.vtadl_pro(arrays["maps"], arrays["masks"]) if has_masks else None,
+        "params": params,
+        "model_params": getattr(model, "model_params", {}),
+        "seed": seed if seed is not None else params.get("seed"),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "eval_seconds": round(time.perf_counter() - t0, 3),
+    }
+    result.update(extra or {})
+    if write and results_dir is not None:
+        run_id = "-".join([result["run_name"], str(result["dataset"]), str(result["category"]),
+                           params_hash({**params, "model_params": result["model_params"]})])
+        import json
+        from .utils import _json_default
+        payload = (json.dumps(result, indent=2, sort_keys=True, default=_json_default) + "\n").encode()
+        result["results_file"] = str(_write_new(Path(results_dir), run_id.replace(os.sep, "_"), payload))
+    return (result, arrays) if return_arrays else result

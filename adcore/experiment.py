@@ -1,0 +1,85 @@
+"""``run_experiment``: train and evaluate one registered model on every chosen category of a dataset.
+
+This is the loop each paper notebook would otherwise repeat: load the splits, seed, create the model, ``fit`` for a
+fixed number of epochs (checkpointed, resumable), ``evaluate`` (results written to ``results_dir``).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .data import list_categories, load_dataset
+from .evaluation import evaluate
+from .registry import create_model
+from .training import fit
+from .utils import params_hash, seed_everything
+
+METRICS = ("image_auroc", "pixel_auroc", "aupro")
+
+
+@dataclass
+class ExperimentResult:
+    """What :func:`run_experiment` returns: results, histories, arrays and models, keyed by category."""
+
+    results: list[dict] = field(default_factory=list)
+    histories: dict[str, list[dict]] = field(default_factory=dict)
+    arrays: dict[str, dict] = field(default_factory=dict)
+    models: dict[str, object] = field(default_factory=dict)
+
+    def table(self, metrics=METRICS):
+        """A pandas DataFrame: one row per category plus ``mean``; columns are ``metrics``."""
+        import pandas as pd
+
+        df = pd.DataFrame([{"category": r["category"], **{m: r.get(m) for m in metrics}} for r in self.results])
+        df = df.set_index("category").astype(float)
+        df.loc["mean"] = df.mean(numeric_only=True)
+        return df
+
+
+def run_experiment(model_name: str, *, model_params: dict | None = None, dataset: str = "textures",
+                   categories=None, data_root=None, image_size: int | None = 128, num_epochs=1, lr: float = 1e-3,
+                   batch_size: int = 8, seed: int = 0, device="cpu", run_name: str | None = None,
+                   results_dir="results", checkpoint_root="checkpoints", resume: bool = True, progress: bool = True,
+                   keep_models: bool = True, keep_arrays: bool = True) -> ExperimentResult:
+    """Train ``model_name`` from scratch on each category's normal images and evaluate it on the test split.
+
+    ``categories=None`` runs every category found on disk. Checkpoints go to
+    ``checkpoint_root/<run>-<dataset>-<category>-<hash>/last.pt`` so a killed run resumes where it stopped when it is
+    run again with ``resume=True``; ``checkpoint_root=None`` disables them.
+    """
+    model_params = dict(model_params or {})
+    if categories is None:
+        categories = list_categories(dataset, data_root=data_root)
+    elif isinstance(categories, str):
+        categories = [categories]
+    found = set(list_categories(dataset, data_root=data_root))
+    missing = [c for c in categories if c not in found]
+    if missing:
+        raise ValueError(f"categories {missing} are not in dataset {dataset!r}; found {sorted(found)}")
+    run = run_name or model_name
+    params = {"model": model_name, "model_params": model_params, "dataset": dataset, "data_root": data_root,
+              "image_size": image_size, "num_epochs": num_epochs, "lr": lr, "batch_size": batch_size, "seed": seed}
+    out = ExperimentResult()
+    for category in categories:
+        t0 = time.perf_counter()
+        train = load_dataset(dataset, category, "train", image_size=image_size, data_root=data_root)
+        test = load_dataset(dataset, category, "test", image_size=image_size, data_root=data_root)
+        seed_everything(seed)
+        model = create_model(model_name, **model_params)
+        ckpt = None
+        if checkpoint_root is not None:
+            ckpt = Path(checkpoint_root) / f"{run}-{Path(str(dataset)).name}-{category}-{params_hash(params)}"
+        history = fit(model, train, num_epochs=num_epochs, lr=lr, batch_size=batch_size, seed=seed, device=device,
+                      checkpoint_dir=ckpt, resume=resume, progress=progress)
+        fit_seconds = time.perf_counter() - t0
+        result, arrays = evaluate(model, test, run_name=run, params={**params, "category": category},
+                                  results_dir=results_dir, batch_size=batch_size, device=device, seed=seed,
+                                  return_arrays=True, extra={"fit_seconds": round(fit_seconds, 2)})
+        out.results.append(result)
+        out.histories[category] = history
+        if keep_arrays:
+            out.arrays[category] = arrays
+        if keep_models:
+            out.models[category] = model
+    return out

@@ -1,0 +1,49 @@
+"""A timm-style model registry: ``@register_model("name")`` on a class, ``create_model(name, **params)``."""
+from __future__ import annotations
+
+import importlib
+import inspect
+
+_MODELS: dict[str, type] = {}
+
+
+def register_model(name: str):
+    def wrap(cls):
+        if name in _MODELS and _MODELS[name] is not cls:
+            raise ValueError(f"model name {name!r} is already registered by {_MODELS[name].__module__}")
+        _MODELS[name] = cls
+        cls.model_name = name
+        return cls
+
+    return wrap
+
+
+def _load_all() -> None:
+    # adcore.models imports every paper module so that their decorators run.
+    importlib.import_module("adcore.models")
+
+
+def list_models() -> list[str]:
+    _load_all()
+    return sorted(_MODELS)
+
+
+def create_model(name: str, **params):
+    """Instantiate the model registered as ``name`` with keyword ``params``.
+
+    Raises:
+        ValueError: unknown name, or a parameter the model's constructor does not take.
+    """
+    _load_all()
+    if name not in _MODELS:
+        raise ValueError(f"unknown model {name!r}; registered models: {', '.join(sorted(_MODELS))}")
+    cls = _MODELS[name]
+    sig = inspect.signature(cls.__init__)
+    takes_kwargs = any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
+    unknown = [k for k in params if k not in sig.parameters or k == "self"]
+    if unknown and not takes_kwargs:
+        known = [k for k in sig.parameters if k != "self"]
+        raise ValueError(f"model {name!r} got unknown parameter(s) {unknown}; it takes {known}")
+    model = cls(**params)
+    model.model_params = dict(params)
+    return model
