@@ -85,6 +85,14 @@ def predict_dataset(model: AnomalyModel, test_data, *, batch_size: int = 8, sigm
             "labels": np.concatenate(labels).astype(np.int64), "paths": paths, "defects": defects}
 
 
+def _pro_rd4ad_or_none(maps, masks):
+    # The papers' 200-threshold protocol is undefined on degenerate maps (e.g. constant); record None, not a crash.
+    try:
+        return metrics.pro_rd4ad(maps, masks)
+    except ValueError:
+        return None
+
+
 def _results_path(results_dir: Path, run_id: str) -> Path:
     return results_dir / f"{run_id}.json"
 
@@ -155,7 +163,7 @@ def evaluate(model: AnomalyModel, test_data, *, run_name: str | None = None, par
         "f1_max_oracle": metrics.f1_max(labels, scores),
         "pixel_auroc": metrics.pixel_auroc(arrays["maps"], arrays["masks"]) if has_masks else None,
         "aupro": metrics.aupro(arrays["maps"], arrays["masks"]) if has_masks else None,
-        "pro_rd4ad": metrics.pro_rd4ad(arrays["maps"], arrays["masks"]) if has_masks else None,
+        "pro_rd4ad": _pro_rd4ad_or_none(arrays["maps"], arrays["masks"]) if has_masks else None,
         "vtadl_pro": metrics.vtadl_pro(arrays["maps"], arrays["masks"]) if has_masks else None,
         "params": params,
         "model_params": getattr(model, "model_params", {}),
