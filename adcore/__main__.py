@@ -1,0 +1,114 @@
+"""Command line: ``python -m adcore run ...`` (batch reruns with papermill) and ``python -m adcore book`` (the book).
+
+Examples::
+
+    python -m adcore run                                   # every notebook, parameters-cell defaults
+    python -m adcore run vt_adl aand --params smoke        # two notebooks with notebooks/params/<nb>/smoke.yaml
+    python -m adcore run --grid notebooks/params/grid.yaml --jobs 2
+    python -m adcore run dmad --params paper --categories bottle cable --seeds 0 1 2
+    python -m adcore book                                  # the default grid, then the HTML (make book)
+    python -m adcore book --smoke                          # the CI-sized book
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="adcore", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 1)[1])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--jobs", "-j", type=int, default=1, help="runs side by side, each in its own process "
+                        "(each gets cores/jobs threads; on 2 cores 1 is usually fastest)")
+    common.add_argument("--force", action="store_true", help="rerun runs that already finished")
+    common.add_argument("--runs-dir", default="runs", help="where run folders go (default: runs)")
+    common.add_argument("--timeout", type=float, default=None, help="per-cell timeout in seconds (default: none)")
+    common.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    r = sub.add_parser("run", parents=[common], help="run notebooks over a grid of parameters with papermill")
+    r.add_argument("notebooks", nargs="*", help="notebook names (vt_adl) or paths; default: all in notebooks/")
+    r.add_argument("--grid", help="a grid YAML (notebooks, params, categories, seeds); flags below override it")
+    r.add_argument("--params", nargs="+", help="parameter files: names under notebooks/params/<nb>/ (smoke, "
+                   "paper), paths to YAML files, or 'default' (the notebook's own values)")
+    r.add_argument("--smoke", action="store_true", help="shorthand for --params smoke")
+    r.add_argument("--categories", nargs="+", help="run each of these categories separately")
+    r.add_argument("--seeds", nargs="+", type=int, help="run each of these seeds")
+    r.add_argument("--dry-run", action="store_true", help="validate and list the runs, execute nothing")
+
+    b = sub.add_parser("book", parents=[common], help="run the grid and build the Jupyter Book (make book)")
+    b.add_argument("notebooks", nargs="*", help="restrict the book to these notebooks")
+    b.add_argument("--grid", help="grid YAML (default: notebooks/params/grid.yaml)")
+    b.add_argument("--smoke", action="store_true", help="every notebook with its smoke parameters (CI)")
+    b.add_argument("--out", default=None, help="output folder; the HTML lands in OUT/_build/html (default: book)")
+    b.add_argument("--no-run", action="store_true", help="reuse finished runs only; fail if one is missing")
+    b.add_argument("--no-build", action="store_true", help="stage the sources but do not call jupyter-book")
+    return p
+
+
+def _run(args) -> int:
+    from .runner import execute_runs, load_grid, plan_runs, resolve_notebooks, summarize, write_manifest
+
+    # without --grid, `run` means the notebooks' own defaults (the book's grid is for `book`)
+    spec = load_grid(args.grid) if args.grid else {"notebooks": "all", "params": ["default"],
+                                                   "categories": [None], "seeds": [None]}
+    if args.notebooks:
+        spec["notebooks"] = args.notebooks
+    if args.smoke:
+        spec["params"] = ["smoke"]
+    if args.params:
+        spec["params"] = args.params
+    if args.categories:
+        spec["categories"] = args.categories
+    if args.seeds:
+        spec["seeds"] = args.seeds
+    runs = plan_runs(resolve_notebooks(spec["notebooks"]), spec["params"], spec["categories"], spec["seeds"],
+                     runs_dir=args.runs_dir)
+    print(f"{len(runs)} run(s):")
+    for run in runs:
+        print(f"  {run.key}  {run.params}")
+    if args.dry_run:
+        return 0
+    statuses = execute_runs(runs, jobs=args.jobs, force=args.force, timeout=args.timeout,
+                            progress=not args.no_progress)
+    write_manifest(statuses, Path(args.runs_dir) / "manifest.json")
+    ok = summarize(statuses)
+    print(f"outputs under {Path(args.runs_dir).resolve()}; manifest {Path(args.runs_dir) / 'manifest.json'}")
+    return 0 if ok else 1
+
+
+def _book(args) -> int:
+    from .runner import build_book, summarize
+
+    t0 = time.time()
+    out = build_book(grid=args.grid, smoke=args.smoke, notebooks=args.notebooks or None, jobs=args.jobs,
+                     force=args.force, runs_dir=args.runs_dir, out_dir=args.out, timeout=args.timeout,
+                     run=not args.no_run, build=not args.no_build, progress=not args.no_progress)
+    ok = summarize(out["statuses"])
+    if out["html"]:
+        print(f"\nThe book is at {out['html']}\nOpen it with: xdg-open {out['html']}  (or file://{out['html']})")
+    print(f"total {time.time() - t0:.0f} s")
+    return 0 if ok else 1
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    from .notebook import ParameterError
+
+    try:
+        return _run(args) if args.command == "run" else _book(args)
+    except (ParameterError, ValueError, RuntimeError) as e:
+        # bad parameter files, missing data roots, failed builds: one clear line, no traceback
+        print(f"adcore {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted: finished runs are kept; run the same command again to do the rest", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

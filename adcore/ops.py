@@ -1,0 +1,106 @@
+"""The two fused ops adcore's models call, each with one switch between the Triton kernel and its PyTorch twin.
+
+``backend`` picks the implementation per call:
+
+* ``"torch"``: the plain-PyTorch reference in :mod:`kernels.reference` (any device, any float dtype);
+* ``"triton"``: the fused kernels in :mod:`kernels` (CUDA tensors, or CPU tensors when ``TRITON_INTERPRET=1`` was
+  set before the kernels were first imported, which is how CI runs them);
+* ``"auto"`` (what models pass): the environment variable ``ADCORE_BACKEND`` (``auto``/``triton``/``torch``) if set,
+  otherwise Triton for float16/bfloat16/float32 CUDA tensors and the reference for everything else.
+
+Inputs are validated here, before anything is launched, so both backends fail the same way on bad input.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+
+import torch
+
+from kernels import reference
+from kernels._utils import (HAS_TRITON, check_anomaly_attention_inputs, check_mdn_nll_inputs,
+                            check_triton_device)
+
+BACKENDS = ("auto", "triton", "torch")
+ENV_VAR = "ADCORE_BACKEND"
+
+
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    """Turn ``backend`` ("auto", "triton" or "torch") into the one that runs for tensors of this device and dtype."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        backend = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+        if backend not in BACKENDS:
+            raise ValueError(f"environment variable {ENV_VAR} must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        # float64 stays on the reference: the kernels' float64 path exists for gradcheck under the interpreter.
+        on_gpu = torch.device(device).type == "cuda" and dtype != torch.float64
+        return "triton" if on_gpu and HAS_TRITON else "torch"
+    if backend == "triton" and not HAS_TRITON:
+        raise ValueError("backend='triton' but triton is not installed; use backend='torch'")
+    return backend
+
+
+def _kernel_module(name: str):
+    # Imported on first use: importing decorates the kernels, which must happen after TRITON_INTERPRET is settled.
+    return importlib.import_module(f"kernels.{name}")
+
+
+def anomaly_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor,
+                      grid_hw: tuple[int, int], eps: float = 1e-4, backend: str = "auto"):
+    """Anomaly Transformer attention on a patch grid: output plus association discrepancy.
+
+    S = softmax(q k^T / sqrt(d)) per head; P_ij ∝ exp(-d_ij^2 / (2 sigma_i^2)) with d_ij the Euclidean distance of
+    tokens i and j on the grid, rows normalised; out = S v; R_i = KL(S_i‖P_i) + KL(P_i‖S_i) with thuml's
+    log(· + eps) smoothing.
+
+    Args:
+        q, k, v: (B, H, N, d), N = grid_h * grid_w tokens in row-major order.
+        sigma: (B, H, N) positive prior widths in grid cells (the model applies its own sigma transform).
+        grid_hw: (grid_h, grid_w); (1, N) for a 1-D sequence.
+        eps: the KL smoothing constant (Anomaly Transformer's 1e-4).
+        backend: "auto", "triton" or "torch" (see the module docstring).
+
+    Returns:
+        out (B, H, N, d); dis_series and dis_prior, both (B, H, N) with equal values. dis_series sends gradient only
+        into q and k (prior held fixed), dis_prior only into sigma (series held fixed), so one backward of
+        ``rec - lam * dis_series.mean() + rec + lam * dis_prior.mean()`` gives the minimax's two passes at once.
+
+    Raises:
+        ValueError: wrong ranks or shapes, N != grid_h * grid_w, mismatched devices or dtypes, non-positive or
+            non-finite sigma, an unknown backend, or a Triton backend that cannot run on these tensors.
+    """
+    grid = check_anomaly_attention_inputs(q, k, v, sigma, grid_hw, eps)
+    if resolve_backend(backend, q.device, q.dtype) == "torch":
+        return reference.anomaly_attention_ref(q, k, v, sigma, grid, eps)
+    mod = _kernel_module("anomaly_attention")
+    check_triton_device(q, mod.INTERPRET)
+    return mod.AnomalyAttentionFunction.apply(q, k, v, sigma, grid, float(eps))
+
+
+def mdn_nll(x: torch.Tensor, logits: torch.Tensor, mu: torch.Tensor, log_var: torch.Tensor,
+            mode: str = "logsumexp", backend: str = "auto") -> torch.Tensor:
+    """Negative log-likelihood of each row of x under a diagonal Gaussian mixture.
+
+    Args:
+        x: (N, D) embeddings.
+        logits: (N, K) per-row or (K,) shared mixture logits.
+        mu, log_var: (N, K, D) per-row or (K, D) shared means and log-variances.
+        mode: "logsumexp" for -log Σ_k softmax(logits)_k N(x | mu_k, diag exp(log_var_k)); "vtadl" for VT-ADL's
+            Σ_k softmax(logits)_k ½ (log 2π + Σ_d [log_var_kd + (x_d - mu_kd)^2 exp(-log_var_kd)]).
+        backend: "auto", "triton" or "torch" (see the module docstring).
+
+    Returns:
+        (N,) loss per row (float32 for half-precision inputs).
+
+    Raises:
+        ValueError: wrong ranks or shapes, mismatched devices or dtypes, an unknown mode or backend, or a Triton
+            backend that cannot run on these tensors.
+    """
+    check_mdn_nll_inputs(x, logits, mu, log_var, mode)
+    if resolve_backend(backend, x.device, x.dtype) == "torch":
+        return reference.mdn_nll_ref(x, logits, mu, log_var, mode)
+    mod = _kernel_module("mdn_nll")
+    check_triton_device(x, mod.INTERPRET)
+    return mod.MDNNLLFunction.apply(x, logits, mu, log_var, mode)

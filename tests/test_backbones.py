@@ -1,0 +1,160 @@
+"""The offline backbones: real EfficientNet-Lite0 weights, the WideResNet-50-2 file lookup, freezing, bad input."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import skimage.data
+import torch
+import torch.nn.functional as F
+import torchvision
+
+from adcore.backbones import (IMAGENET_MEAN, IMAGENET_STD, BackboneWeightsMissing, _map_efficientnet_lite0,
+                              create_backbone, create_classifier)
+
+CAT_CLASSES = set(range(281, 286))  # tabby, tiger cat, Persian, Siamese, Egyptian cat
+COFFEE_CLASSES = {967, 968, 504}  # espresso, cup, coffee mug
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)
+
+
+def _imagenet_input(photo: np.ndarray) -> torch.Tensor:
+    x = torch.from_numpy(photo).permute(2, 0, 1)[None].float() / 255
+    x = F.interpolate(x, size=(224, 224), mode="bilinear", antialias=True, align_corners=False)
+    return (x - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+
+
+@pytest.fixture(scope="module")
+def classifier():
+    return create_classifier()
+
+
+@pytest.mark.parametrize("photo, classes", [("chelsea", CAT_CLASSES), ("coffee", COFFEE_CLASSES)])
+def test_efficientnet_lite0_weights_are_real_imagenet_weights(classifier, photo, classes):
+    with torch.no_grad():
+        logits = classifier(_imagenet_input(getattr(skimage.data, photo)()))
+    top1 = int(logits.argmax())
+    assert top1 in classes, f"{photo} classified as ImageNet class {top1}"
+    assert logits.softmax(-1)[0, sorted(classes)].sum() > 0.5
+
+
+def test_efficientnet_lite0_taps_match_the_classifier(classifier):
+    backbone = create_backbone("efficientnet_lite0")
+    assert backbone.channels == [24, 40, 112] and backbone.strides == [4, 8, 16]
+    images = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        feats = backbone(images)
+        # The same weights run by hand through the classifier: stem, then blocks 0-1 (stride 4) ... 0-4 (stride 16).
+        x = classifier.bn1(classifier.conv_stem((images - backbone.mean) / backbone.std))
+        expected = []
+        for i, block in enumerate(classifier.blocks[:5]):
+            x = block(x)
+            if i in (1, 2, 4):
+                expected.append(x)
+    assert [tuple(f.shape) for f in feats] == [(2, 24, 16, 16), (2, 40, 8, 8), (2, 112, 4, 4)]
+    for got, want in zip(feats, expected):
+        torch.testing.assert_close(got, want)
+
+
+def test_backbone_is_frozen_even_inside_a_training_parent():
+    backbone = create_backbone("efficientnet_lite0")
+    assert not any(p.requires_grad for p in backbone.parameters())
+    parent = torch.nn.Sequential(backbone)
+    parent.train()
+    assert not any(m.training for m in backbone.modules())
+    bn = backbone.body.bn1
+    before = bn.running_mean.clone()
+    backbone(torch.rand(2, 3, 32, 32) * 5)  # far from ImageNet statistics: a training-mode BN would move
+    torch.testing.assert_close(bn.running_mean, before, rtol=0, atol=0)
+
+
+def test_efficientnet_lite0_mapping_rejects_wrong_shapes_and_counts():
+    import timm
+
+    target = timm.create_model("efficientnet_lite0", pretrained=False)
+    source = {f"k{i}": v.clone() for i, (k, v) in enumerate(target.state_dict().items())}
+    assert len(_map_efficientnet_lite0(source, target)) == len(source)
+    bad = dict(source)
+    bad["k0"] = torch.zeros(16, 3, 3, 3)
+    with pytest.raises(ValueError, match="do not map"):
+        _map_efficientnet_lite0(bad, target)
+    short = dict(list(source.items())[:-1])
+    with pytest.raises(ValueError, match="tensors"):
+        _map_efficientnet_lite0(short, target)
+
+
+@pytest.fixture(scope="module")
+def wrn_file(tmp_path_factory):
+    torch.manual_seed(0)
+    state = torchvision.models.wide_resnet50_2(weights=None).state_dict()
+    path = tmp_path_factory.mktemp("wrn") / "wide_resnet50_2-0123abcd.pth"
+    torch.save(state, path)
+    return path, state
+
+
+def test_wide_resnet50_2_loads_from_weights_path(wrn_file):
+    path, state = wrn_file
+    backbone = create_backbone("wide_resnet50_2", weights_path=path)
+    assert backbone.channels == [256, 512, 1024] and backbone.strides == [4, 8, 16]
+    assert backbone.pretrained and backbone.weights_path == str(path)
+    torch.testing.assert_close(backbone.body.stem[0].weight, state["conv1.weight"], rtol=0, atol=0)
+    torch.testing.assert_close(backbone.body.layers[2][0].conv1.weight, state["layer3.0.conv1.weight"], rtol=0, atol=0)
+    with torch.no_grad():
+        feats = backbone(torch.rand(1, 3, 64, 64))
+    assert [tuple(f.shape) for f in feats] == [(1, 256, 16, 16), (1, 512, 8, 8), (1, 1024, 4, 4)]
+
+
+def test_wide_resnet50_2_is_found_in_the_torch_hub_cache(wrn_file, tmp_path, monkeypatch):
+    path, state = wrn_file
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / path.name).symlink_to(path)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    backbone = create_backbone("wide_resnet50_2", out_indices=(1, 2))
+    assert backbone.weights_path == str(tmp_path / "checkpoints" / path.name)
+    assert backbone.channels == [512, 1024] and backbone.strides == [8, 16]
+    torch.testing.assert_close(backbone.body.stem[1].running_var, state["bn1.running_var"], rtol=0, atol=0)
+
+
+def test_missing_wide_resnet50_2_weights_say_where_to_put_them(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    with pytest.raises(BackboneWeightsMissing) as err:
+        create_backbone("wide_resnet50_2")
+    assert isinstance(err.value, FileNotFoundError)
+    message = str(err.value)
+    assert str(tmp_path / "checkpoints") in message and "weights_path" in message and "never downloads" in message
+    with pytest.raises(BackboneWeightsMissing, match="does not exist"):
+        create_backbone("wide_resnet50_2", weights_path=tmp_path / "nope.pth")
+
+
+def test_a_file_that_is_not_a_wide_resnet50_2_state_dict_is_a_clear_error(tmp_path):
+    path = tmp_path / "wide_resnet50_2-bad.pth"
+    torch.save({"conv1.weight": torch.zeros(1)}, path)
+    with pytest.raises(ValueError, match="not a torchvision wide_resnet50_2"):
+        create_backbone("wide_resnet50_2", weights_path=path)
+
+
+def test_random_backbone_needs_no_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    backbone = create_backbone("efficientnet_lite0", pretrained=False, out_indices=(0, 4))
+    assert backbone.channels == [16, 320] and backbone.strides == [2, 32] and not backbone.pretrained
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(name="resnet18"), "unknown backbone"),
+    (dict(out_indices=(3, 2)), "increasing"),
+    (dict(out_indices=(1, 5)), "0..4"),
+    (dict(out_indices=()), "out_indices"),
+])
+def test_bad_arguments_are_value_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        create_backbone(**{"pretrained": False, **kwargs})
+
+
+def test_bad_image_shape_is_a_value_error():
+    backbone = create_backbone("efficientnet_lite0")
+    with pytest.raises(ValueError, match=r"\(B, 3, S, S\)"):
+        backbone(torch.rand(2, 1, 32, 32))
+    with pytest.raises(ValueError, match=r"\(B, 3, S, S\)"):
+        backbone(torch.rand(3, 32, 32))

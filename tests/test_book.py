@@ -1,0 +1,184 @@
+"""The built book, checked as a reader would: every chapter executed and error-free, the comparison table filled,
+widget state within budget, the widget JavaScript served locally, and (in headless Chromium) the viewer's slider
+changing the picture in the static HTML.
+
+Which book: ``ADCORE_BOOK_HTML`` names the ``index.html`` of a book built beforehand (CI builds the smoke book with
+``python -m adcore book --smoke`` and points this at it); otherwise a small book is built here from a stand-in paper
+notebook (the kNN baseline on one embedded category) and the comparison chapter.
+
+The browser test skips only when Chromium is missing and ``ADCORE_REQUIRE_BROWSER`` is unset.
+"""
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from adcore import runner
+
+pytestmark = pytest.mark.notebook
+
+REPO = Path(__file__).resolve().parent.parent
+STATE_LIMIT = 3 * 2**20  # widget state per page
+STATE_RE = re.compile(r'<script type="application/vnd.jupyter.widget-state\+json">(.*?)</script>', re.S)
+
+
+def stand_in_paper(path: Path) -> Path:
+    """A notebook shaped like a paper notebook: parameters, run_experiment, the shared plots and the viewer."""
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    code = nbformat.v4.new_code_cell
+    nb.cells = [
+        nbformat.v4.new_markdown_cell("# Stand-in paper\n\nThe kNN baseline on one embedded category."),
+        code('dataset = "textures"  # benchmark\ndata_root = None  # its folder\ncategories = ["brick"]  # which\n'
+             'image_size = 64  # pixels\nseed = 0  # seed\nresults_dir = "results"  # results JSON\n'
+             'run_name = None  # name in the results', metadata={"tags": ["parameters"]}),
+        code("import adcore\nimport adcore.notebook\nfrom adcore import plots, viewer\n\n"
+             "params = adcore.notebook.check_parameters(globals())"),
+        code("exp = adcore.run_experiment('knn', dataset=dataset, data_root=data_root, categories=categories,\n"
+             "                           image_size=image_size, num_epochs=1, seed=seed, results_dir=results_dir,\n"
+             "                           run_name=run_name, checkpoint_root=None, resume=False, progress=False)\nexp.table()"),
+        code("plots.compare_table(exp.table(), {'pixel_auroc': 0.9}, 'a made-up paper number')"),
+        code("plots.plot_heatmaps(exp.arrays, n_best=2, n_worst=2);"),
+        code("viewer.show(exp.arrays, title='stand-in viewer', max_images=8, size=64)"),
+    ]
+    nbformat.write(nb, str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def book(tmp_path_factory):
+    """(index.html, staged sources folder or None) of the book under test."""
+    given = os.environ.get("ADCORE_BOOK_HTML")
+    if given:
+        html = Path(given)
+        assert html.is_file(), f"ADCORE_BOOK_HTML={given} does not exist"
+        stage = html.parent.parent / "src"
+        return html, stage if stage.is_dir() else None
+    tmp = tmp_path_factory.mktemp("book")
+    (tmp / "notebooks").mkdir()
+    nb = stand_in_paper(tmp / "notebooks" / "standin.ipynb")
+    grid = tmp / "grid.yaml"
+    grid.write_text(f"notebooks: [{nb}]\nparams: [default]\n")
+    out = runner.build_book(grid=grid, runs_dir=tmp / "runs", book_dir=REPO / "book", out_dir=tmp / "out",
+                            chapters=("comparison",), progress=False)
+    assert not out["failed"], [runner._describe_error(s) for s in out["failed"]]
+    return out["html"], out["stage"]
+
+
+def toc_pages(html: Path) -> list[Path]:
+    """The HTML page of every TOC entry of the built book (from its staged _toc.yml)."""
+    import yaml
+
+    toc = yaml.safe_load((html.parent.parent / "src" / "_toc.yml").read_text()) \
+        if (html.parent.parent / "src" / "_toc.yml").is_file() else None
+    if toc is None:  # a book built elsewhere without its sources: every page but Sphinx's own
+        return sorted(p for p in html.parent.rglob("*.html") if p.name not in ("genindex.html", "search.html"))
+    files = [toc["root"]]
+    for part in toc.get("parts", [{"chapters": toc.get("chapters", [])}]):
+        files += [c["file"] for c in part["chapters"]]
+    return [html.parent / f"{f}.html" for f in files]
+
+
+def test_every_staged_notebook_was_executed_without_errors(book):
+    html, stage = book
+    if stage is None:
+        pytest.skip("the book's staged sources are not beside it")
+    notebooks = sorted(stage.rglob("*.ipynb"))
+    assert notebooks
+    for path in notebooks:
+        nb = nbformat.read(str(path), as_version=4)
+        code = [c for c in nb.cells if c.cell_type == "code"]
+        assert all(c.execution_count is not None for c in code), f"{path.name} has unexecuted cells"
+        errors = [o for c in code for o in c.get("outputs", []) if o.get("output_type") == "error"]
+        assert not errors, f"{path.name}: {errors[0].get('ename')}: {errors[0].get('evalue')}"
+
+
+def test_pages_exist_within_the_widget_budget_and_load_widget_js_locally(book):
+    html, _ = book
+    pages = toc_pages(html)
+    assert any("comparison" in p.name for p in pages)
+    with_widgets = 0
+    for page in pages:
+        assert page.is_file(), f"{page} missing from the build"
+        text = page.read_text()
+        assert "Traceback (most recent call last)" not in text, f"{page.name} shows a traceback"
+        states = STATE_RE.findall(text)
+        size = sum(len(s.encode()) for s in states)
+        assert size < STATE_LIMIT, f"{page.name}: widget state {size / 2**20:.2f} MB"
+        if states:
+            with_widgets += 1
+            assert "cdn.jsdelivr.net" not in text and "cdnjs.cloudflare.com" not in text
+            assert "widgets-js/html-manager/embed-amd.js" in text
+            state = json.loads(states[0])["state"]
+            assert any(m["model_name"] == "LinkModel" for m in state.values())  # the jslinks were saved
+    assert with_widgets >= 1
+    assert (html.parent / "_static" / "widgets-js" / "require.js").is_file()
+
+
+def _chromium():
+    for name in ("chromium", "chromium-browser"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+@pytest.fixture(scope="module")
+def browser():
+    chromium = _chromium()
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        sync_playwright = None
+    if chromium is None or sync_playwright is None:
+        if os.environ.get("ADCORE_REQUIRE_BROWSER"):
+            pytest.fail(f"ADCORE_REQUIRE_BROWSER is set but chromium={chromium}, playwright="
+                        f"{'yes' if sync_playwright else 'missing'}")
+        pytest.skip("headless Chromium (apt-get install chromium) or playwright is not available")
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=chromium, args=[
+            "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync", "--allow-file-access-from-files"])
+        yield b
+        b.close()
+
+
+def test_a_reader_sees_every_chapter_the_table_and_a_working_slider(book, browser):
+    html, _ = book
+    page = browser.new_page(viewport={"width": 1200, "height": 900})
+    external = []
+    page.on("request", lambda r: external.append(r.url) if r.url.startswith(("http:", "https:")) else None)
+    viewer_page = None
+    for path in toc_pages(html):
+        page.goto(path.as_uri())
+        page.wait_for_load_state("load")
+        body = page.locator("article").inner_text()
+        assert "Traceback" not in body and page.locator(".output.traceback").count() == 0, path.name
+        assert page.locator("h1").count() >= 1, f"{path.name} has no title"
+        if "comparison" in path.name:
+            cells = page.locator("article table td").all_inner_texts()
+            numbers = [c for c in cells if re.fullmatch(r"\s*[01]\.\d{3}\s*", c)]
+            assert len(numbers) >= 3, f"the comparison table holds no numbers: {cells[:20]}"
+        if viewer_page is None and STATE_RE.search(path.read_text()) and "viewer" in path.read_text():
+            viewer_page = path
+    assert viewer_page is not None, "no page with a viewer"
+
+    page.goto(viewer_page.as_uri())
+    page.wait_for_selector(".widget-slider .noUi-handle", timeout=60_000)  # the widgets rendered, offline
+    image = page.locator(".widget-image:visible").first
+    before = image.get_attribute("src")
+    readout = page.locator(".widget-readout").first.inner_text()
+    handle = page.locator(".widget-slider .noUi-handle").first
+    handle.focus()
+    page.keyboard.press("ArrowRight")
+    page.wait_for_function("([sel, old]) => document.querySelector(sel) !== null", arg=[".widget-image", before])
+    page.wait_for_timeout(300)
+    after = page.locator(".widget-image:visible").first.get_attribute("src")
+    assert page.locator(".widget-readout").first.inner_text() != readout
+    assert after != before, "moving the slider did not change the picture"
+    assert not external, f"the book fetched from the network: {external[:5]}"
+    page.close()
