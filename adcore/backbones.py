@@ -15,6 +15,7 @@ contract says.
 """
 from __future__ import annotations
 
+import functools
 import glob
 import os
 from pathlib import Path
@@ -112,12 +113,19 @@ def _map_efficientnet_lite0(source: dict, target: nn.Module) -> dict:
 
 
 def _load_efficientnet_lite0_state(weights_path=None) -> tuple[dict, Path]:
+    path = _efficientnet_lite0_file(weights_path)
+    return _mapped_efficientnet_lite0_state(str(path), path.stat().st_mtime_ns), path
+
+
+@functools.lru_cache(maxsize=2)
+def _mapped_efficientnet_lite0_state(path: str, mtime_ns: int) -> dict:
+    # Cached per (file, modification time): building timm's full model only for its key names costs more than a
+    # forward pass. Callers only read these tensors (load_state_dict copies them).
     import timm
 
-    path = _efficientnet_lite0_file(weights_path)
     source = torch.load(path, map_location="cpu", weights_only=True)
     full = timm.create_model("efficientnet_lite0", pretrained=False)
-    return _map_efficientnet_lite0(source, full), path
+    return _map_efficientnet_lite0(source, full)
 
 
 def create_classifier(pretrained: bool = True, weights_path=None) -> nn.Module:
@@ -202,14 +210,22 @@ def find_wide_resnet50_2_weights(weights_path=None) -> Path:
 def _wide_resnet50_2(pretrained: bool, weights_path, out_indices) -> FeatureBackbone:
     import torchvision
 
-    path = find_wide_resnet50_2_weights(weights_path) if pretrained else None  # fail before building 69M params
-    resnet = torchvision.models.wide_resnet50_2(weights=None)
-    if pretrained:
+    if not pretrained:
+        resnet = torchvision.models.wide_resnet50_2(weights=None)
+        path = None
+    else:
+        path = find_wide_resnet50_2_weights(weights_path)
         state = torch.load(path, map_location="cpu", weights_only=True)
+        # Built on the meta device and filled by assignment: no time spent initialising 69M weights we overwrite.
+        with torch.device("meta"):
+            resnet = torchvision.models.wide_resnet50_2(weights=None)
         try:
-            resnet.load_state_dict(state, strict=True)
+            resnet.load_state_dict(state, strict=True, assign=True)
         except RuntimeError as err:
             raise ValueError(f"{path} is not a torchvision wide_resnet50_2 state dict: {err}") from err
+        left = [n for n, t in resnet.state_dict().items() if t.is_meta]
+        if left:
+            raise ValueError(f"{path} left wide_resnet50_2 tensors unset: {left[:3]}")
     channels, strides = [256, 512, 1024, 2048], [4, 8, 16, 32]
     return FeatureBackbone(_ResNetTaps(resnet, out_indices), name="wide_resnet50_2",
                            channels=[channels[i] for i in out_indices], strides=[strides[i] for i in out_indices],

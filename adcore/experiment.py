@@ -71,7 +71,7 @@ def run_experiment(model_name: str, *, model_params: dict | None = None, dataset
         if checkpoint_root is not None:
             ckpt = Path(checkpoint_root) / f"{run}-{Path(str(dataset)).name}-{category}-{params_hash(params)}"
         history = fit(model, train, num_epochs=num_epochs, lr=lr, batch_size=batch_size, seed=seed, device=device,
-                      checkpoint_dir=ckpt, resume=resume, progress=progress)
+                      checkpoint_dir=ckpt, resume=resume and ckpt is not None, progress=progress)
         fit_seconds = time.perf_counter() - t0
         result, arrays = evaluate(model, test, run_name=run, params={**params, "category": category},
                                   results_dir=results_dir, batch_size=batch_size, device=device, seed=seed,

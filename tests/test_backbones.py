@@ -88,33 +88,38 @@ def test_efficientnet_lite0_mapping_rejects_wrong_shapes_and_counts():
 @pytest.fixture(scope="module")
 def wrn_file(tmp_path_factory):
     torch.manual_seed(0)
-    state = torchvision.models.wide_resnet50_2(weights=None).state_dict()
+    model = torchvision.models.wide_resnet50_2(weights=None).eval()
     path = tmp_path_factory.mktemp("wrn") / "wide_resnet50_2-0123abcd.pth"
-    torch.save(state, path)
-    return path, state
+    torch.save(model.state_dict(), path)
+    return path, model
 
 
 def test_wide_resnet50_2_loads_from_weights_path(wrn_file):
-    path, state = wrn_file
+    path, model = wrn_file
     backbone = create_backbone("wide_resnet50_2", weights_path=path)
     assert backbone.channels == [256, 512, 1024] and backbone.strides == [4, 8, 16]
     assert backbone.pretrained and backbone.weights_path == str(path)
-    torch.testing.assert_close(backbone.body.stem[0].weight, state["conv1.weight"], rtol=0, atol=0)
-    torch.testing.assert_close(backbone.body.layers[2][0].conv1.weight, state["layer3.0.conv1.weight"], rtol=0, atol=0)
+    assert not any(t.is_meta for t in backbone.state_dict().values())
+    images = torch.rand(1, 3, 64, 64)
     with torch.no_grad():
-        feats = backbone(torch.rand(1, 3, 64, 64))
+        feats = backbone(images)
+        # torchvision's own modules on the normalised images: stem, layer1, layer2, layer3.
+        x = model.maxpool(model.relu(model.bn1(model.conv1((images - backbone.mean) / backbone.std))))
+        expected = [x := layer(x) for layer in (model.layer1, model.layer2, model.layer3)]
     assert [tuple(f.shape) for f in feats] == [(1, 256, 16, 16), (1, 512, 8, 8), (1, 1024, 4, 4)]
+    for got, want in zip(feats, expected):
+        torch.testing.assert_close(got, want)
 
 
 def test_wide_resnet50_2_is_found_in_the_torch_hub_cache(wrn_file, tmp_path, monkeypatch):
-    path, state = wrn_file
+    path, model = wrn_file
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / path.name).symlink_to(path)
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
     backbone = create_backbone("wide_resnet50_2", out_indices=(1, 2))
     assert backbone.weights_path == str(tmp_path / "checkpoints" / path.name)
     assert backbone.channels == [512, 1024] and backbone.strides == [8, 16]
-    torch.testing.assert_close(backbone.body.stem[1].running_var, state["bn1.running_var"], rtol=0, atol=0)
+    torch.testing.assert_close(backbone.body.stem[1].running_var, model.bn1.running_var, rtol=0, atol=0)
 
 
 def test_missing_wide_resnet50_2_weights_say_where_to_put_them(tmp_path, monkeypatch):

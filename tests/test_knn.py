@@ -55,12 +55,12 @@ def test_knn_is_registered_and_trains_nothing():
     assert isinstance(model, AnomalyModel) and isinstance(model, KNNDetector)
     assert model.stages == () and not model.own_image_score
     assert not any(p.requires_grad for p in model.parameters())
-    assert model.memory_bank.shape == (0, 40 + 112)
+    assert model.feature_strides == (8,) and model.memory_bank.shape == (0, 40)
 
 
 def test_output_contract(fitted, train_data):
     # 10 images × (96/8)² patches, 25 % kept.
-    assert fitted.memory_bank.shape == (round(0.25 * 10 * 144), 152)
+    assert fitted.memory_bank.shape == (round(0.25 * 10 * 144), 40)
     out = fitted.predict(torch.rand(3, 3, SIZE, SIZE))
     assert isinstance(out, AnomalyOutput)
     assert out.pred_score.shape == (3,) and out.anomaly_map.shape == (3, SIZE // 8, SIZE // 8)
@@ -99,6 +99,13 @@ def test_same_seed_same_bank_other_seed_other_bank(train_data, fitted):
     assert not torch.equal(other.memory_bank, fitted.memory_bank)
 
 
+@pytest.mark.parametrize("strides, dim", [((8, 16), 40 + 112), ((4, 8), 24 + 40), ((4, 8, 16), 24 + 40 + 112)])
+def test_feature_strides_are_concatenated_on_the_stride_8_grid(strides, dim):
+    model = KNNDetector(feature_strides=strides)
+    assert model.backbone.strides == list(strides)
+    assert model.embed(torch.rand(2, 3, SIZE, SIZE)).shape == (2, dim, SIZE // 8, SIZE // 8)
+
+
 def test_memory_bank_survives_a_state_dict_round_trip(fitted):
     fresh = KNNDetector()
     fresh.load_state_dict(fitted.state_dict())
@@ -117,6 +124,9 @@ def test_predict_before_fit_is_an_error():
     (dict(coreset_ratio=1.5), "coreset_ratio"),
     (dict(num_neighbors=0), "num_neighbors"),
     (dict(backbone="resnet18"), "backbone"),
+    (dict(feature_strides=(16, 8)), "feature_strides"),
+    (dict(feature_strides=(32,)), "feature_strides"),
+    (dict(feature_strides=8), "feature_strides"),
     (dict(projection_dim=2.5), "projection_dim"),
 ])
 def test_bad_parameters_are_value_errors(kwargs, match):
