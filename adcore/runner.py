@@ -271,8 +271,18 @@ def _environ(values: dict):
                 os.environ[k] = v
 
 
+def _reset_run_dir(run: Run, fresh: bool) -> None:
+    """Clear what a new attempt must not inherit: always the old results (a rerun would add a second file per
+    category), and the checkpoints too when the attempt is ``fresh`` (forced, or the notebook changed since)."""
+    run_dir = Path(run.run_dir)
+    shutil.rmtree(run_dir / "results", ignore_errors=True)
+    (run_dir / "arrays.npz").unlink(missing_ok=True)
+    if fresh:
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+
+
 def execute_run(run: Run, timeout: float | None = None, threads: int | None = None,
-                separate_process: bool = False) -> dict:
+                separate_process: bool = False, force: bool = False) -> dict:
     """Execute one run with papermill and write its ``status.json``.
 
     A failing notebook does not raise: the status says which cell failed and what it raised (read back from the
@@ -282,8 +292,12 @@ def execute_run(run: Run, timeout: float | None = None, threads: int | None = No
         separate_process: run the papermill command line in a child process (what ``jobs > 1`` uses) instead of
             papermill's Python API in this process (cheaper: papermill is imported once). The kernel is always a
             process of its own.
+        force: start over even if an interrupted attempt left checkpoints.
     """
     run_dir = Path(run.run_dir)
+    previous = _status(run)
+    # an interrupted or failed attempt of the same notebook resumes from its checkpoints; anything else starts over
+    _reset_run_dir(run, fresh=force or previous is None or previous.get("notebook_sha") != run.notebook_sha)
     run_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
     status = {**asdict(run), "status": "running", "started": _dt.datetime.now(_dt.timezone.utc).isoformat(),
@@ -365,12 +379,12 @@ def execute_runs(runs: list[Run], *, jobs: int = 1, force: bool = False, timeout
         if jobs == 1:
             for i in todo:  # in this thread, so that Ctrl-C stops the run at once
                 bar.set_description(f"runs ({runs[i].key})")
-                done(i, execute_run(runs[i], timeout))
+                done(i, execute_run(runs[i], timeout, force=force))
         else:
             # the threads only wait: each run is a papermill process (and a kernel process) of its own
             pool = ThreadPoolExecutor(max_workers=jobs)
             try:
-                futures = {pool.submit(execute_run, runs[i], timeout, threads, True): i for i in todo}
+                futures = {pool.submit(execute_run, runs[i], timeout, threads, True, force): i for i in todo}
                 for fut in as_completed(futures):
                     done(futures[fut], fut.result())
             finally:
@@ -424,33 +438,57 @@ def load_manifest(path) -> list[dict]:
     return json.loads(path.read_text())["runs"]
 
 
-def collect_results(manifest_or_runs) -> list[dict]:
-    """Every results JSON written by the (successful) runs of a manifest, each with ``run_key`` added."""
+def collect_results(manifest_or_runs, main_only: bool = True) -> list[dict]:
+    """The results JSON files written by the (successful) runs of a manifest.
+
+    Each result gets ``run_key``, ``notebook`` and ``method``: the notebook's name, or ``<notebook> (<run key>)`` when
+    the manifest holds several runs of one notebook (seeds, parameter files).
+
+    Args:
+        manifest_or_runs: a manifest path or its list of runs.
+        main_only: keep only each run's main results, those whose ``run_name`` is the run's ``run_name`` parameter
+            or, by the notebooks' convention, the notebook's name; ablation variants a notebook evaluates beside it
+            (``vt_adl-no-noise``) stay in that notebook's chapter. A run with no such result keeps all of them.
+    """
     runs = load_manifest(manifest_or_runs) if not isinstance(manifest_or_runs, list) else manifest_or_runs
+    runs = [r for r in runs if r.get("status") in ("ok", "skipped")]
+    per_notebook = {}
+    for r in runs:
+        per_notebook[r["name"]] = per_notebook.get(r["name"], 0) + 1
     out = []
     for r in runs:
-        if r.get("status") not in ("ok", "skipped"):
-            continue
-        for path in sorted((Path(r["run_dir"]) / "results").glob("*.json")):
-            res = json.loads(path.read_text())
-            res["run_key"] = r["key"]
-            res["notebook"] = r["name"]
+        found = [json.loads(p.read_text()) for p in sorted((Path(r["run_dir"]) / "results").glob("*.json"))]
+        main = (r.get("params") or {}).get("run_name") or r["name"]
+        if main_only and any(res.get("run_name") == main for res in found):
+            found = [res for res in found if res.get("run_name") == main]
+        for res in found:
+            res.update(run_key=r["key"], notebook=r["name"],
+                       method=r["name"] if per_notebook[r["name"]] == 1 else f"{r['name']} ({r['key']})")
+            if not main_only and res.get("run_name") not in (None, main):
+                res["method"] += f" / {res['run_name']}"
             out.append(res)
     return out
 
 
 def results_table(results: list[dict], metrics=("image_auroc", "pixel_auroc", "aupro")):
-    """Long results → wide DataFrame: rows (method, category) plus a ``mean`` row per method."""
+    """Long results → DataFrame indexed by (method, category) with a ``mean`` row per method.
+
+    Raises:
+        ValueError: two results for the same method and category (the table would hide one).
+    """
     import pandas as pd
 
     if not results:
         return pd.DataFrame(columns=["method", "category", *metrics]).set_index(["method", "category"])
-    df = pd.DataFrame([{"method": r.get("notebook") or r.get("model"), "category": r["category"],
+    df = pd.DataFrame([{"method": r.get("method") or r.get("notebook") or r.get("model"), "category": r["category"],
                         **{m: r.get(m) for m in metrics}} for r in results])
+    dup = df[df.duplicated(["method", "category"], keep=False)]
+    if len(dup):
+        raise ValueError(f"several results for the same method and category: {dup[['method', 'category']].values[:5]}"
+                         "; give the runs distinct method names")
     df[list(metrics)] = df[list(metrics)].astype(float)
     means = df.groupby("method", sort=False)[list(metrics)].mean().reset_index().assign(category="mean")
-    df = pd.concat([df, means]).set_index(["method", "category"])
-    return df
+    return pd.concat([df, means]).set_index(["method", "category"])
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -458,9 +496,10 @@ def results_table(results: list[dict], metrics=("image_auroc", "pixel_auroc", "a
 
 
 def fetch_widget_js(dest, script=None) -> Path:
-    """Vendor the ipywidgets HTML manager and RequireJS from npm (``book/fetch_widget_js.sh``) unless present."""
+    """Vendor the ipywidgets HTML manager, RequireJS and MathJax from npm (``book/fetch_widget_js.sh``) unless
+    already there."""
     dest = Path(dest)
-    if (dest / "require.js").is_file() and (dest / "html-manager" / "embed-amd.js").is_file():
+    if all((dest / f).is_file() for f in ("require.js", "html-manager/embed-amd.js", "mathjax/tex-mml-chtml.js")):
         return dest
     script = Path(script or REPO / BOOK_DIR / "fetch_widget_js.sh")
     proc = subprocess.run(["bash", str(script), str(dest)], capture_output=True, text=True)
@@ -484,6 +523,23 @@ def _place_widget_fonts(html_dir: Path, manager_dir: Path) -> None:
         dest.mkdir(parents=True, exist_ok=True)
         for f in fonts:
             shutil.copy2(f, dest / f.name)
+
+
+# [text](../adcore/models/vt_adl.py): a link from a notebook to a repository file, which the book cannot serve
+_REPO_LINK = re.compile(r"\[([^\]]+)\]\(((?:\.\./)+)([^)\s]+)\)")
+
+
+def _stage_notebook(src: Path, dest: Path) -> None:
+    """Copy an executed notebook into the book, turning links to repository files (``../adcore/x.py``), which point
+    outside the book and would fail the build as missing targets, into the file's path in code type."""
+    import nbformat
+
+    nb = nbformat.read(str(src), as_version=4)
+    for cell in nb.cells:
+        if cell.cell_type == "markdown":
+            cell.source = _REPO_LINK.sub(lambda m: f"{m.group(1)} (`{m.group(3)}`)"
+                                         if m.group(1).strip("`") != m.group(3) else f"`{m.group(3)}`", cell.source)
+    nbformat.write(nb, str(dest))
 
 
 def _stage_toc(toc: dict, available: set[str]) -> tuple[dict, list[str]]:
@@ -564,15 +620,27 @@ def build_book(*, grid=None, smoke: bool = False, notebooks=None, jobs: int = 1,
     chapter_src = {c: p for c, p in chapter_src.items() if p.is_file()}
     for c, p in chapter_src.items():
         parse_parameters(p)  # a chapter without a parameters cell fails here, before any run
+    for name in ("_config.yml", "_toc.yml"):
+        if not (book_dir / name).is_file():
+            raise ValueError(f"book sources {str(book_dir)!r} lack {name}")
+    if build:
+        fetch_widget_js(book_dir / "_static" / "vendor")  # needs npm: fail before the runs, not after
     log(f"{len(runs)} notebook run(s) planned: {', '.join(r.key for r in runs)}")
 
     if run:
         statuses = execute_runs(runs, jobs=jobs, force=force, timeout=timeout, progress=progress, log=log)
     else:
-        statuses = [{**(_status(r) or asdict(r)), "status": "skipped" if is_done(r) else "missing"} for r in runs]
-    missing = [s["key"] for s in statuses if s["status"] == "missing"]
-    if missing:
-        raise RuntimeError(f"--no-run, but these runs have not finished: {missing}")
+        # rebuild from what finished, even where the notebook has changed since (said so, not hidden)
+        statuses = []
+        for r in runs:
+            st = _status(r) or asdict(r)
+            ok = st.get("status") == "ok" and Path(r.output).is_file()
+            if ok and not is_done(r):
+                log(f"  {r.key}: the notebook changed since this run finished; using the older run (--no-run)")
+            statuses.append({**st, "status": "skipped" if ok else "missing"})
+        missing = [s["key"] for s in statuses if s["status"] == "missing"]
+        if missing:
+            raise RuntimeError(f"--no-run, but these runs have not finished: {missing}")
 
     # stage the sources: config, intro, vendored JS, the first run of each notebook, then the chapters
     if stage.exists():
@@ -581,12 +649,13 @@ def build_book(*, grid=None, smoke: bool = False, notebooks=None, jobs: int = 1,
     for name in ("_config.yml", "intro.md", "references.bib", "logo.png"):
         if (book_dir / name).is_file():
             shutil.copy2(book_dir / name, stage / name)
-    if (book_dir / "_static").is_dir():
+    if (book_dir / "_static").is_dir() and any(p.name != "vendor" for p in (book_dir / "_static").iterdir()):
         shutil.copytree(book_dir / "_static", stage / "_static", ignore=shutil.ignore_patterns("vendor"))
-    fetch_widget_js(book_dir / "_static" / "vendor")
-    # outside _static: Jupyter Book adds every .js file in _static to every page, the viewer's JS belongs only on
-    # pages with widgets (myst-nb's nb_ipywidgets_js); html_static_path in _config.yml copies it to _static/
-    shutil.copytree(book_dir / "_static" / "vendor", stage / "_widgets" / "widgets-js")
+    # Through html_extra_path (see _config.yml), not html_static_path: Jupyter Book adds every .js file found in the
+    # static paths to every page, which would load the widget manager twice (three viewers on screen) and on pages
+    # without widgets. myst-nb's nb_ipywidgets_js adds it where a page has widgets.
+    if (book_dir / "_static" / "vendor").is_dir():
+        shutil.copytree(book_dir / "_static" / "vendor", stage / "_vendor" / "_static" / "vendor-js")
     (stage / "papers").mkdir()
     produced = {"intro"}
     seen = set()
@@ -594,7 +663,7 @@ def build_book(*, grid=None, smoke: bool = False, notebooks=None, jobs: int = 1,
         if st["name"] in seen or not Path(st["output"]).is_file():
             continue
         seen.add(st["name"])
-        shutil.copy2(st["output"], stage / "papers" / f"{st['name']}.ipynb")
+        _stage_notebook(Path(st["output"]), stage / "papers" / f"{st['name']}.ipynb")
         produced.add(f"papers/{st['name']}")
     manifest = write_manifest(statuses, stage / "runs.json")
 
@@ -633,7 +702,7 @@ def build_book(*, grid=None, smoke: bool = False, notebooks=None, jobs: int = 1,
             raise RuntimeError(f"jupyter-book build failed (exit {proc.returncode}), warnings are errors:\n"
                                + "\n".join(problems[:40]))
         html = (out_dir / "_build" / "html" / "index.html").resolve()
-        _place_widget_fonts(html.parent, stage / "_widgets" / "widgets-js" / "html-manager")
+        _place_widget_fonts(html.parent, stage / "_vendor" / "_static" / "vendor-js" / "html-manager")
     all_statuses = statuses + chapter_statuses
     failed = [s for s in all_statuses if s["status"] == "failed"]
     return {"html": html, "statuses": all_statuses, "failed": failed, "seconds": round(time.time() - t0, 1),

@@ -31,6 +31,11 @@ from .plots import (GT_COLOR, PRED_COLOR, _rank_quality, _scores, as_categories,
 
 MODES = ("image", "anomaly map", "overlay", "GT contour", "predicted mask")
 DEFAULT_THRESHOLDS = (0.3, 0.5, 0.7)
+# The book allows 3 MB of widget state per page; static viewers built in one kernel (one notebook = one page) share
+# this much, leaving room for progress bars and other widgets.
+PAGE_BUDGET_MB = 2.6
+_page_state_used = 0  # bytes of static viewer state built so far in this process
+_arrays_saved = False  # show() saved this process's arrays for the comparison chapter
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -217,7 +222,7 @@ def _assemble(aligned: dict, picks: dict, frames: dict, title, size: int, thresh
         al = aligned[cat]
         slider = W.IntSlider(value=0, min=0, max=len(pos) - 1, description="image", continuous_update=True,
                              layout=W.Layout(width="380px"))
-        mode = W.ToggleButtons(options=MODES, value="overlay", description="mode", style={"button_width": "112px"})
+        mode = W.ToggleButtons(options=MODES, value="overlay", description="mode", style={"button_width": "122px"})
         thr = W.SelectionSlider(options=[f"{t:.2f}" for t in thresholds],
                                 value=f"{thresholds[len(thresholds) // 2]:.2f}", description="threshold",
                                 layout=W.Layout(width="380px"))
@@ -268,7 +273,8 @@ def build_static(runs, title: str | None = None, *, max_images: int = 24, size: 
         max_images: most images per category; fewer are kept when the state would exceed ``budget_mb``.
         size: side of each thumbnail in pixels (shown at twice that width).
         thresholds: predicted-mask thresholds offered, as fractions of the category's map range.
-        budget_mb: cap on the saved widget state of this viewer (the book allows 3 MB per page).
+        budget_mb: cap on the saved widget state of this viewer; lowered to what is left of
+            :data:`PAGE_BUDGET_MB` when other static viewers were built in this process (the same page).
         colors: PNG palette size (0 = full RGB).
 
     Returns:
@@ -280,9 +286,11 @@ def build_static(runs, title: str | None = None, *, max_images: int = 24, size: 
     thresholds = tuple(float(t) for t in thresholds)
     if not thresholds or any(not 0 < t < 1 for t in thresholds):
         raise ValueError(f"thresholds must be fractions in (0, 1), got {thresholds}")
+    global _page_state_used
     aligned = _aligned(_as_runs(runs))
     maps01 = {cat: {m: normalise_maps(arr["maps"]) for m, arr, _ in al} for cat, al in aligned.items()}
-    budget = int(budget_mb * 2**20)
+    # a second viewer on the same page gets what the first left of the page budget (but always a minimal viewer)
+    budget = int(max(min(budget_mb, PAGE_BUDGET_MB - _page_state_used / 2**20), 0.15) * 2**20)
     frames: dict = {}  # (category, position) -> per-method frame PNGs; kept across the shrinking loop
 
     def render(picks):
@@ -309,6 +317,7 @@ def build_static(runs, title: str | None = None, *, max_images: int = 24, size: 
             break
         _close_tree(root)
         k = max(1, min(k - 1, int(k * budget / state * 0.95)))
+    _page_state_used += state
     root.state_bytes = state
     root.n_images = max(len(p) for p in picks.values())
     return root
@@ -328,7 +337,7 @@ def build_live(runs, title: str | None = None, *, size: int | None = 256, thresh
                       layout=W.Layout(display="flex" if len(aligned) > 1 else "none"))
     slider = W.IntSlider(value=0, min=0, max=len(aligned[cats.value][0][2]) - 1, description="image",
                          layout=W.Layout(width="380px"))
-    mode = W.ToggleButtons(options=MODES, value="overlay", description="mode", style={"button_width": "105px"})
+    mode = W.ToggleButtons(options=MODES, value="overlay", description="mode", style={"button_width": "122px"})
     thr = W.FloatSlider(value=float(np.median(thresholds)), min=0.01, max=0.99, step=0.01, description="threshold",
                         layout=W.Layout(width="380px"))
     n_methods = len(next(iter(aligned.values())))
@@ -426,11 +435,14 @@ def show(arrays, title: str | None = None, *, static: bool | None = None, grid: 
         grid: also display the plain matplotlib grid.
         **kwargs: passed to :func:`build_static` (``max_images``, ``size``, ``thresholds``, ``budget_mb``).
     """
+    global _arrays_saved
     arrays = as_categories(arrays)
     save_dir = os.environ.get("ADCORE_ARRAYS_DIR")
-    if save_dir:
-        # The batch runner sets this so the comparison chapter can put methods side by side without retraining.
+    if save_dir and not _arrays_saved:
+        # The batch runner sets this so the comparison chapter can put methods side by side without retraining; the
+        # first viewer of a notebook is its main result (later ones show ablations).
         save_arrays(arrays, Path(save_dir) / "arrays.npz")
+        _arrays_saved = True
     return _display({"": arrays}, title, static, grid, **kwargs)
 
 

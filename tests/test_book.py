@@ -40,7 +40,8 @@ def stand_in_paper(path: Path) -> Path:
              "params = adcore.notebook.check_parameters(globals())"),
         code("exp = adcore.run_experiment('knn', dataset=dataset, data_root=data_root, categories=categories,\n"
              "                           image_size=image_size, num_epochs=1, seed=seed, results_dir=results_dir,\n"
-             "                           run_name=run_name, checkpoint_root=None, resume=False, progress=False)\nexp.table()"),
+             "                           run_name=run_name, checkpoint_root=None, resume=False,\n"
+             "                           progress=False)\nexp.table()"),
         code("plots.compare_table(exp.table(), {'pixel_auroc': 0.9}, 'a made-up paper number')"),
         code("plots.plot_heatmaps(exp.arrays, n_best=2, n_worst=2);"),
         code("viewer.show(exp.arrays, title='stand-in viewer', max_images=8, size=64)"),
@@ -106,17 +107,21 @@ def test_pages_exist_within_the_widget_budget_and_load_widget_js_locally(book):
         assert page.is_file(), f"{page} missing from the build"
         text = page.read_text()
         assert "Traceback (most recent call last)" not in text, f"{page.name} shows a traceback"
+        # nothing from a CDN: widget manager, RequireJS and MathJax are served from the book itself
+        assert not re.search(r'<script[^>]+src="https?://', text), f"{page.name} loads a script from the web"
         states = STATE_RE.findall(text)
         size = sum(len(s.encode()) for s in states)
         assert size < STATE_LIMIT, f"{page.name}: widget state {size / 2**20:.2f} MB"
         if states:
             with_widgets += 1
-            assert "cdn.jsdelivr.net" not in text and "cdnjs.cloudflare.com" not in text
-            assert "widgets-js/html-manager/embed-amd.js" in text
+            # the local copies, loaded once (twice would draw every viewer twice)
+            assert text.count("vendor-js/html-manager/embed-amd.js") == 1
+            assert text.count("vendor-js/require.js") == 1
             state = json.loads(states[0])["state"]
             assert any(m["model_name"] == "LinkModel" for m in state.values())  # the jslinks were saved
     assert with_widgets >= 1
-    assert (html.parent / "_static" / "widgets-js" / "require.js").is_file()
+    assert (html.parent / "_static" / "vendor-js" / "require.js").is_file()
+    assert (html.parent / "_static" / "vendor-js" / "mathjax" / "tex-mml-chtml.js").is_file()
 
 
 def _chromium():
@@ -159,6 +164,8 @@ def test_a_reader_sees_every_chapter_the_table_and_a_working_slider(book, browse
         body = page.locator("article").inner_text()
         assert "Traceback" not in body and page.locator(".output.traceback").count() == 0, path.name
         assert page.locator("h1").count() >= 1, f"{path.name} has no title"
+        if page.locator("span.math, div.math").count():
+            page.wait_for_selector("mjx-container", timeout=30_000)  # the vendored MathJax typeset the maths
         if "comparison" in path.name:
             cells = page.locator("article table td").all_inner_texts()
             numbers = [c for c in cells if re.fullmatch(r"\s*[01]\.\d{3}\s*", c)]

@@ -65,6 +65,17 @@ def test_core_encoder_stays_frozen_in_train_mode():
     assert out.anomaly_map.shape == (2, SIZE, SIZE)
 
 
+def test_decoder_output_sign_follows_the_teacher():
+    # EfficientNet-Lite0's taps are linear-bottleneck outputs (signed): the student must be able to go negative.
+    model = rd.ReverseDistillation(pretrained=False)
+    features = model.encode(torch.rand(2, 3, SIZE, SIZE))
+    assert min(f.min() for f in features) < 0
+    assert all(s.min() < 0 for s in model.student(features))
+    relu_decoder = rd.Decoder(model.channels, 2 * model.channels[-1], relu_output=True)
+    code = model.ocbe(features)
+    assert all(s.min() >= 0 for s in relu_decoder(code, [f.shape[-2:] for f in features]))
+
+
 # ---------------------------------------------------------------- both models through fit
 
 
@@ -232,6 +243,7 @@ def test_aand_hard_kd_loss_focuses_on_worst_positions():
     hard = aand_mod.hard_kd_loss(teacher, student, k=1)
     torch.testing.assert_close(hard - rd.rd_loss(teacher, student), torch.tensor(2.0), atol=1e-5, rtol=0)
     assert aand_mod.hard_kd_loss(teacher, student, k=64) < hard  # averaging over all positions dilutes it
+    torch.testing.assert_close(aand_mod.hard_kd_loss(teacher, student, k=0), rd.rd_loss(teacher, student))
 
 
 def test_aand_amplification_loss_rewards_pushing_anomalies_away():
@@ -282,7 +294,7 @@ def test_aand_rejects_bad_parameters():
     with pytest.raises(ValueError, match="foreground"):
         adcore.create_model("aand", **TINY, foreground="everything")
     with pytest.raises(ValueError, match="hard_k"):
-        adcore.create_model("aand", **TINY, hard_k=0)
+        adcore.create_model("aand", **TINY, hard_k=-1)
 
 
 # ---------------------------------------------------------------- pseudo-anomalies

@@ -143,6 +143,22 @@ def test_mdn_head_modes():
     assert torch.allclose(vtadl, by_hand, atol=1e-4)
 
 
+def test_unconditional_mixture_is_a_shared_density():
+    torch.manual_seed(0)
+    head = MDNHead(4, num_components=3, conditional=False)
+    x = torch.randn(6, 4)
+    logits, mu, log_var = head(x)
+    assert logits.shape == (3,) and mu.shape == (3, 4) and log_var.shape == (3, 4)
+    mix = torch.distributions.MixtureSameFamily(
+        torch.distributions.Categorical(logits=logits),
+        torch.distributions.Independent(torch.distributions.Normal(mu, (0.5 * log_var).exp()), 1))
+    torch.testing.assert_close(head.nll(x, mode="logsumexp", backend="torch"), -mix.log_prob(x), rtol=1e-4, atol=1e-4)
+    model = _model("vt_adl", mdn_conditional=False)
+    adcore.fit(model, _dataset(), num_epochs=1, lr=1e-3, batch_size=3, progress=False)
+    out = model.predict(_images(2))
+    assert out.anomaly_map.shape == (2, S // 8, S // 8) and torch.isfinite(out.anomaly_map).all()
+
+
 def test_ssim_identity_and_reference():
     skimage_metrics = pytest.importorskip("skimage.metrics")
     g = torch.Generator().manual_seed(0)

@@ -139,13 +139,19 @@ def test_finished_runs_are_skipped_unless_forced_or_stale(nbdir, tmp_path):
     stamp = os.stat(runs[0].output).st_mtime_ns
     assert runner.execute_runs(runs, progress=False)[0]["status"] == "skipped"
     assert os.stat(runs[0].output).st_mtime_ns == stamp
-    # an interrupted run (status never reached ok) is redone
-    status_path = runner.Path(runs[0].run_dir) / runner.STATUS
+    # an interrupted run (status never reached ok) is redone, resuming from its checkpoints but not keeping the
+    # results of the interrupted attempt (a second file per category)
+    run_dir = runner.Path(runs[0].run_dir)
+    status_path = run_dir / runner.STATUS
     status = json.loads(status_path.read_text())
     status_path.write_text(json.dumps({**status, "status": "running"}))
+    (run_dir / "checkpoints").mkdir()
+    (run_dir / "results" / "stale.json").write_text("{}")
     assert runner.execute_runs(runs, progress=False)[0]["status"] == "ok"
-    # forced
+    assert (run_dir / "checkpoints").is_dir() and not (run_dir / "results" / "stale.json").exists()
+    # forced: starts over, checkpoints included
     assert runner.execute_runs(runs, force=True, progress=False)[0]["status"] == "ok"
+    assert not (run_dir / "checkpoints").exists()
     # the notebook changed since it finished: stale, so rerun
     write_notebook(nb, OK_PARAMS, OK_CELLS + ["print('new cell')"])
     runs = runner.plan_runs([nb], seeds=[3], runs_dir=tmp_path / "runs")
@@ -225,3 +231,24 @@ def test_interrupting_a_batch_keeps_finished_runs(tmp_path):
     assert "finished runs are kept" in out
     assert runner._status(runs[0])["status"] == "ok" and runner._status(runs[1])["status"] == "interrupted"
     assert [s["status"] for s in runner.execute_runs(runs, progress=False)] == ["skipped", "ok"]
+
+
+def test_staging_fits_the_toc_and_repository_links_to_what_the_book_holds(tmp_path):
+    toc = {"format": "jb-book", "root": "intro", "parts": [
+        {"caption": "Data", "chapters": [{"file": "chapters/data"}]},
+        {"caption": "Papers", "chapters": [{"file": "papers/vt_adl"}, {"file": "papers/aand"}]},
+        {"caption": "Appendix", "chapters": [{"file": "chapters/reproducibility"}]}]}
+    staged, dropped = runner._stage_toc(toc, {"intro", "chapters/data", "papers/aand", "papers/new"})
+    assert dropped == ["papers/vt_adl", "chapters/reproducibility"]
+    assert [p["caption"] for p in staged["parts"]] == ["Data", "Papers"]
+    assert staged["parts"][1]["chapters"] == [{"file": "papers/aand"}, {"file": "papers/new"}]
+
+    src = write_notebook(tmp_path / "p.ipynb", "x = 1  # x", [])
+    nb = nbformat.read(str(src), as_version=4)
+    nb.cells[0].source = "See [the model](../adcore/models/vt_adl.py), [`kernels/x.py`](../../kernels/x.py), " \
+                         "[the data](chapters/data) and [web](https://example.org/a)."
+    nbformat.write(nb, str(src))
+    runner._stage_notebook(src, tmp_path / "out.ipynb")
+    text = nbformat.read(str(tmp_path / "out.ipynb"), as_version=4).cells[0].source
+    assert text == "See the model (`adcore/models/vt_adl.py`), `kernels/x.py`, [the data](chapters/data) and " \
+                   "[web](https://example.org/a)."

@@ -17,6 +17,12 @@ W = pytest.importorskip("ipywidgets")
 from ipywidgets.widgets.widget_link import Link  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def _fresh_page(monkeypatch):
+    monkeypatch.setattr(viewer, "_page_state_used", 0)  # each test is a page of its own
+    monkeypatch.setattr(viewer, "_arrays_saved", False)
+
+
 def fake_arrays(n=6, size=32, seed=0, order=None, noise=False):
     rng = np.random.default_rng(seed)
     labels = np.arange(n) % 2
@@ -151,6 +157,8 @@ def test_mode_switch_and_show(monkeypatch, tmp_path):
     assert type(shown[1]).__name__ == "Figure"  # the matplotlib grid beneath
     back = viewer.load_arrays(tmp_path / "arrays.npz")
     assert list(back) == [""] and back[""]["maps"].shape == (6, 32, 32)
+    viewer.show({"ablation": fake_arrays()}, size=32, grid=False)  # a later viewer (an ablation) is not saved
+    assert list(viewer.load_arrays(tmp_path / "arrays.npz")) == [""]
     assert back[""]["paths"][1] == "/d/001.png" and (back[""]["labels"] == np.arange(6) % 2).all()
     with pytest.raises(ValueError, match="non-empty dict"):
         viewer.show([])
@@ -164,3 +172,13 @@ def test_save_arrays_downsizes(tmp_path):
     back = viewer.load_arrays(tmp_path / "a.npz")["cat"]
     assert back["images"].shape == (2, 16, 16, 3) and back["maps"].dtype == np.float32
     assert back["masks"].max() == 1 and back["defects"] == ["good", "hole"]
+
+
+def test_viewers_on_one_page_share_the_page_budget(monkeypatch):
+    monkeypatch.setattr(viewer, "PAGE_BUDGET_MB", 0.6)
+    big = {"": {"a": fake_arrays(n=40, size=64, noise=True)}}
+    first = viewer.build_static(big, size=64, budget_mb=0.5)
+    second = viewer.build_static(big, size=64, budget_mb=0.5)
+    assert first.state_bytes <= 0.5 * 2**20
+    assert first.state_bytes + second.state_bytes <= 0.6 * 2**20 + 0.15 * 2**20
+    assert second.n_images < first.n_images

@@ -136,9 +136,9 @@ def amplification_loss(plain: torch.Tensor, amplified: torch.Tensor, mask: torch
 
 def hard_kd_loss(teacher, student, k: int = 10) -> torch.Tensor:
     """AAND's hard knowledge-distillation loss: per level, mean over the batch of the mean of the ``k`` largest
-    per-position cosine distances, plus the RD4AD term."""
+    per-position cosine distances, plus the RD4AD term. ``k = 0`` leaves the RD4AD term alone."""
     hard = 0
-    for m in cosine_distance_maps(teacher, student):
+    for m in (cosine_distance_maps(teacher, student) if k > 0 else []):
         flat = m.flatten(1)
         hard = hard + flat.topk(min(k, flat.shape[1]), dim=1).values.mean()
     return hard + rd_loss(teacher, student)
@@ -160,7 +160,7 @@ class AAND(ReverseDistillation):
         focal_alpha, focal_gamma: focal loss on the gate (AAND: 0.8, 2).
         amplify_weight: weight of L_A (AAND: 0.1).
         margin: L_A margin (AAND: 0.3).
-        hard_k: positions per level in the hard-distillation term (AAND: 10).
+        hard_k: positions per level in the hard-distillation term (AAND: 10); 0 trains with the RD4AD loss alone.
         foreground: ``"auto"`` (AAND's rule for the category of the training set, MVTec names; else everything),
             or one of ``"all"``, ``"bright"``, ``"dark"``, ``"disk"``.
         foreground_threshold: grey threshold for ``"bright"``/``"dark"``.
@@ -178,8 +178,8 @@ class AAND(ReverseDistillation):
                  milestones_amplify=None, milestones_distill=None, **rd_params):
         if foreground not in ("auto", "all", "bright", "dark", "disk"):
             raise ValueError(f"foreground must be 'auto', 'all', 'bright', 'dark' or 'disk', got {foreground!r}")
-        if isinstance(hard_k, bool) or not isinstance(hard_k, int) or hard_k < 1:
-            raise ValueError(f"hard_k must be a positive int, got {hard_k!r}")
+        if isinstance(hard_k, bool) or not isinstance(hard_k, int) or hard_k < 0:
+            raise ValueError(f"hard_k must be a non-negative int, got {hard_k!r}")
         super().__init__(**rd_params)
         self.use_amplify = bool(amplify)
         self.stages = ("amplify", "distill") if amplify else ("distill",)

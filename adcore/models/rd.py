@@ -42,8 +42,9 @@ class Bottleneck(nn.Module):
     ``DeBottleneck``, the decoder's first block per level).
     """
 
-    def __init__(self, cin: int, cout: int, mid: int, stride: int = 1, up: bool = False):
+    def __init__(self, cin: int, cout: int, mid: int, stride: int = 1, up: bool = False, relu: bool = True):
         super().__init__()
+        self.relu = relu
         if up:
             spatial = nn.ConvTranspose2d(mid, mid, 2, stride=2, bias=False)
             shortcut = nn.ConvTranspose2d(cin, cout, 2, stride=2, bias=False)
@@ -57,7 +58,8 @@ class Bottleneck(nn.Module):
         self.shortcut = nn.Identity() if shortcut is None else nn.Sequential(shortcut, nn.BatchNorm2d(cout))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(self.body(x) + self.shortcut(x))
+        out = self.body(x) + self.shortcut(x)
+        return F.relu(out) if self.relu else out
 
 
 class OCBE(nn.Module):
@@ -96,15 +98,19 @@ class Decoder(nn.Module):
 
     Each level is one up-sampling bottleneck plus ``num_blocks − 1`` plain ones; its output has exactly the
     encoder's channels at that level and is compared to it directly. The bottleneck inner width is
-    ``decoder_ratio · C_l`` (RD4AD: 0.25).
+    ``decoder_ratio · C_l`` (RD4AD: 0.25). ``relu_output=False`` drops the ReLU after each level's last block, for
+    teachers whose features are signed (EfficientNet's linear bottlenecks: about half the values are negative,
+    which a ReLU output could never reproduce); WideResNet's features are post-ReLU, as RD4AD's decoder outputs.
     """
 
-    def __init__(self, channels: Sequence[int], in_dim: int, num_blocks: int = 1, ratio: float = 1.0):
+    def __init__(self, channels: Sequence[int], in_dim: int, num_blocks: int = 1, ratio: float = 1.0,
+                 relu_output: bool = True):
         super().__init__()
         stages, cin = [], in_dim
         for c in reversed(list(channels)):
             mid = max(int(round(c * ratio)), 8)
             blocks = [Bottleneck(cin, c, mid, up=True)] + [Bottleneck(c, c, mid) for _ in range(num_blocks - 1)]
+            blocks[-1].relu = relu_output
             stages.append(nn.Sequential(*blocks))
             cin = c
         self.stages = nn.ModuleList(stages)
@@ -176,7 +182,9 @@ class ReverseDistillation(AnomalyModel):
         c3 = self.channels[-1]
         self.ocbe = OCBE(self.channels, ocbe_width or c3, bottleneck_dim or 2 * c3, ocbe_blocks,
                          extra_channels=c3 if extra_level3 else 0)
-        self.decoder = Decoder(self.channels, bottleneck_dim or 2 * c3, decoder_blocks, decoder_ratio)
+        # WideResNet taps follow a ReLU; EfficientNet-Lite0's are linear-bottleneck outputs of either sign.
+        self.decoder = Decoder(self.channels, bottleneck_dim or 2 * c3, decoder_blocks, decoder_ratio,
+                               relu_output=backbone.startswith("wide_resnet"))
 
     def train(self, mode: bool = True):
         super().train(mode)

@@ -2,8 +2,8 @@
 
 What lives here, in reading order:
 
-* :func:`gaussian_window` / :func:`ssim_map` / :func:`ssim`: a small differentiable SSIM (Wang et al. 2004) with the 11×11 Gaussian
-  window of σ 1.5 and zero padding that VT-ADL's ``pytorch_ssim`` uses.
+* :func:`gaussian_window` / :func:`ssim_map` / :func:`ssim`: a small differentiable SSIM (Wang et al. 2004) with the
+  11×11 Gaussian window of σ 1.5 and zero padding that VT-ADL's ``pytorch_ssim`` uses.
 * :func:`prior_sigma`: Anomaly Transformer's σ transform, rescaled to the patch grid.
 * :class:`AnomalyAttention`: multi-head attention whose softmax "series association" is compared with a Gaussian
   "prior association" on the 2-D patch grid through :func:`adcore.ops.anomaly_attention`.
@@ -31,33 +31,35 @@ from torch import nn
 # --------------------------------------------------------------------------------------------------------------------
 # SSIM
 # --------------------------------------------------------------------------------------------------------------------
-def gaussian_window(size: int = 11, sigma: float = 1.5, channels: int = 3, *, device=None,
-                    dtype=torch.float32) -> torch.Tensor:
-    """A normalised 2-D Gaussian window repeated per channel, shaped for a depthwise conv: (C, 1, size, size)."""
+def gaussian_window(size: int = 11, sigma: float = 1.5, *, device=None, dtype=torch.float32) -> torch.Tensor:
+    """A normalised 1-D Gaussian window (size,); the 2-D window is its outer product with itself."""
     x = torch.arange(size, device=device, dtype=dtype) - (size - 1) / 2
     g = torch.exp(-x**2 / (2 * sigma**2))
-    g = g / g.sum()
-    return (g[:, None] * g[None, :]).expand(channels, 1, size, size).contiguous()
+    return g / g.sum()
+
+
+def _gaussian_blur(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    # The 2-D Gaussian is separable: a column pass then a row pass (22 taps instead of 121), zero padding.
+    c, k = x.shape[1], g.numel()
+    x = F.conv2d(x, g.view(1, 1, k, 1).expand(c, 1, k, 1), padding=(k // 2, 0), groups=c)
+    return F.conv2d(x, g.view(1, 1, 1, k).expand(c, 1, 1, k), padding=(0, k // 2), groups=c)
 
 
 def ssim_map(x: torch.Tensor, y: torch.Tensor, *, window_size: int = 11, sigma: float = 1.5,
              data_range: float = 1.0) -> torch.Tensor:
     """Local SSIM of two (B, C, H, W) batches → (B, C, H, W), differentiable in both.
 
-    Local statistics come from a Gaussian window (depthwise conv, zero padding of ``window_size // 2`` as in
-    ``pytorch_ssim``), with C1 = (0.01 L)², C2 = (0.03 L)² for data range L.
+    Local statistics come from a Gaussian window with zero padding of ``window_size // 2`` (as ``pytorch_ssim``'s
+    depthwise conv), with C1 = (0.01 L)², C2 = (0.03 L)² for data range L.
     """
     if x.shape != y.shape or x.ndim != 4:
         raise ValueError(f"ssim expects two (B, C, H, W) tensors of one shape, got {tuple(x.shape)} and "
                          f"{tuple(y.shape)}")
-    c = x.shape[1]
-    w = gaussian_window(window_size, sigma, c, device=x.device, dtype=x.dtype)
-    pad = window_size // 2
-    mu_x = F.conv2d(x, w, padding=pad, groups=c)
-    mu_y = F.conv2d(y, w, padding=pad, groups=c)
-    var_x = F.conv2d(x * x, w, padding=pad, groups=c) - mu_x**2
-    var_y = F.conv2d(y * y, w, padding=pad, groups=c) - mu_y**2
-    cov = F.conv2d(x * y, w, padding=pad, groups=c) - mu_x * mu_y
+    g = gaussian_window(window_size, sigma, device=x.device, dtype=x.dtype)
+    mu_x, mu_y = _gaussian_blur(x, g), _gaussian_blur(y, g)
+    var_x = _gaussian_blur(x * x, g) - mu_x**2
+    var_y = _gaussian_blur(y * y, g) - mu_y**2
+    cov = _gaussian_blur(x * y, g) - mu_x * mu_y
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
     return ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
 
@@ -262,29 +264,42 @@ class ConvDecoder(nn.Module):
 class MDNHead(nn.Module):
     """VT-ADL's mixture density network (``mdn1.MDN``) on D-dimensional patch embeddings.
 
-    For an embedding x: h = clamp(x, min=eps); π-logits = W_π h; μ = W_μ h; log σ² = softplus(W_s h), all
-    bias-free linear maps, so every variance is ≥ 1 (the code's choice). The mixture models the same vector it is
-    conditioned on (target = input x). K = ``num_components`` (paper 150, code 10). μ and log σ² are laid out
-    (…, K, D) with D contiguous (the code's view is (…, D, K)); the weights are learned, so only the layout differs.
+    ``conditional=True`` (the code): for an embedding x, h = clamp(x, min=eps); π-logits = W_π h; μ = W_μ h;
+    log σ² = softplus(W_s h), all bias-free linear maps, so every variance is ≥ 1 (the code's choice). The mixture
+    models the same vector it is conditioned on (target = input x). μ and log σ² are laid out (…, K, D) with D
+    contiguous (the code's view is (…, D, K)); the weights are learned, so only the layout differs.
+
+    ``conditional=False`` (our corrected variant): one mixture shared by all patches, π-logits (K,), μ (K, D) and
+    log σ² = softplus(·) (K, D) learned as free parameters — a density of patch embeddings that does not depend on
+    the embedding being scored.
+
+    K = ``num_components`` (paper 150, code 10).
     """
 
-    def __init__(self, dim: int, num_components: int = 10):
+    def __init__(self, dim: int, num_components: int = 10, conditional: bool = True):
         super().__init__()
         if isinstance(num_components, bool) or not isinstance(num_components, int) or num_components < 1:
             raise ValueError(f"num_components must be a positive int, got {num_components!r}")
-        self.dim, self.num_components = dim, num_components
-        self.pi = nn.Linear(dim, num_components, bias=False)
-        self.mu = nn.Linear(dim, num_components * dim, bias=False)
-        self.log_var = nn.Linear(dim, num_components * dim, bias=False)
+        self.dim, self.num_components, self.conditional = dim, num_components, conditional
+        if conditional:
+            self.pi = nn.Linear(dim, num_components, bias=False)
+            self.mu = nn.Linear(dim, num_components * dim, bias=False)
+            self.log_var = nn.Linear(dim, num_components * dim, bias=False)
+        else:
+            self.pi = nn.Parameter(torch.zeros(num_components))
+            self.mu = nn.Parameter(torch.randn(num_components, dim) * 0.1)
+            self.log_var = nn.Parameter(torch.zeros(num_components, dim))
 
     def forward(self, x: torch.Tensor):
-        """x (..., D) → logits (..., K), mu (..., K, D), log_var (..., K, D)."""
+        """x (..., D) → logits (..., K), mu (..., K, D), log_var (..., K, D); shared (K,), (K, D) if unconditional."""
+        if not self.conditional:
+            return self.pi, self.mu, F.softplus(self.log_var)
         h = x.clamp(min=float(np.finfo(float).eps))
         shape = (*x.shape[:-1], self.num_components, self.dim)
         return self.pi(h), self.mu(h).view(shape), F.softplus(self.log_var(h)).view(shape)
 
     def nll(self, x: torch.Tensor, *, mode: str = "vtadl", backend: str = "auto") -> torch.Tensor:
-        """Negative log-likelihood of each embedding under its own mixture: x (..., D) → (...).
+        """Negative log-likelihood of each embedding under its mixture: x (..., D) → (...).
 
         ``mode="vtadl"`` is the code's Σ_k π_k·NLL_k (a weighted sum of per-component NLLs, with log 2π counted
         once); ``mode="logsumexp"`` is the true −log Σ_k π_k N(x; μ_k, σ_k²).
@@ -292,11 +307,11 @@ class MDNHead(nn.Module):
         from adcore import ops
 
         logits, mu, log_var = self(x)
-        lead = x.shape[:-1]
-        out = ops.mdn_nll(x.reshape(-1, self.dim), logits.reshape(-1, self.num_components),
-                          mu.reshape(-1, self.num_components, self.dim),
-                          log_var.reshape(-1, self.num_components, self.dim), mode=mode, backend=backend)
-        return out.view(lead)
+        k, d = self.num_components, self.dim
+        if self.conditional:
+            logits, mu, log_var = logits.reshape(-1, k), mu.reshape(-1, k, d), log_var.reshape(-1, k, d)
+        out = ops.mdn_nll(x.reshape(-1, d), logits, mu, log_var, mode=mode, backend=backend)
+        return out.view(x.shape[:-1])
 
 
 def squash(s: torch.Tensor, dim: int = -1) -> torch.Tensor:

@@ -64,6 +64,8 @@ class VTADL(AnomalyModel):
         num_components: K, Gaussians in the mixture (paper 150, code 10).
         mdn_mode: ``"vtadl"`` (the code's weighted sum of per-component NLLs) or ``"logsumexp"`` (the true mixture
             NLL).
+        mdn_conditional: True (the code) conditions the mixture on the embedding it scores; False learns one mixture
+            shared by all patches (our corrected variant, a density that does not depend on the embedding scored).
         noise_std: σ of the Gaussian noise added to the encoded tokens in training (0 disables it).
         recon_weight, ssim_weight, mdn_weight: loss weights (5, 0.5, 1 in the code).
         weight_decay: Adam weight decay (1e-4 in the code).
@@ -78,9 +80,10 @@ class VTADL(AnomalyModel):
 
     def __init__(self, image_size: int = 64, patch_size: int = 8, embed_dim: int = 128, depth: int = 4,
                  num_heads: int = 4, mlp_ratio: float = 2.0, latent_dim: int = 512, num_components: int = 10,
-                 mdn_mode: str = "vtadl", noise_std: float = 0.2, recon_weight: float = 5.0, ssim_weight: float = 0.5,
-                 mdn_weight: float = 1.0, weight_decay: float = 1e-4, decoder_width: int = 128,
-                 image_score: str = "map", backend: str = "auto"):
+                 mdn_mode: str = "vtadl", mdn_conditional: bool = True, noise_std: float = 0.2,
+                 recon_weight: float = 5.0, ssim_weight: float = 0.5, mdn_weight: float = 1.0,
+                 weight_decay: float = 1e-4, decoder_width: int = 64, image_score: str = "map",
+                 backend: str = "auto"):
         super().__init__()
         _check_choice("mdn_mode", mdn_mode, MDN_MODES)
         _check_choice("image_score", image_score, IMAGE_SCORES)
@@ -95,7 +98,7 @@ class VTADL(AnomalyModel):
         # The code's one-capsule DigitCaps: squash(Σ_i W_i u_i) = squash(W · flatten(tokens)), W bias-free.
         self.to_latent = torch.nn.Linear(n * embed_dim, latent_dim, bias=False)
         self.decoder = ConvDecoder(latent_dim // n, gh, image_size, width=decoder_width)
-        self.mdn = MDNHead(embed_dim, num_components)
+        self.mdn = MDNHead(embed_dim, num_components, conditional=mdn_conditional)
         self.image_size, self.grid_hw, self.latent_dim = image_size, (gh, gw), latent_dim
         self.mdn_mode, self.noise_std, self.backend = mdn_mode, float(noise_std), backend
         self.recon_weight, self.ssim_weight, self.mdn_weight = recon_weight, ssim_weight, mdn_weight
