@@ -9,6 +9,7 @@ The public surface::
 """
 from __future__ import annotations
 
+from . import metrics, notebook
 from .data import list_categories, load_dataset
 from .evaluation import evaluate
 from .experiment import ExperimentResult, run_experiment
@@ -18,6 +19,15 @@ from .types import AnomalyModel, AnomalyOutput
 from .utils import seed_everything
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # The widget and plotting modules pull in ipywidgets and matplotlib: import them on first use only.
+    if name in ("viewer", "plots", "ops", "backbones"):
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'adcore' has no attribute {name!r}")
 
 __all__ = [
     "AnomalyModel", "AnomalyOutput", "ExperimentResult", "NonFiniteLossError", "create_model", "evaluate", "fit",
