@@ -30,4 +30,4 @@ book: venv
 	$(PY) -m adcore book
 
 clean:
-	rm -rf book/_build book/_runs results checkpoints runs
+	rm -rf book/_build book/_runs book/_static/vendor results checkpoints runs

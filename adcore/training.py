@@ -118,6 +118,13 @@ def fit(model: AnomalyModel, train_data, *, num_epochs=1, lr: float = 1e-3, batc
             raise ValueError(f"checkpoint {ckpt_path} belongs to model {state.get('model_name')!r}, "
                              f"not {getattr(model, 'model_name', None)!r}")
         start_stage, start_epoch, history = state["stage_index"], state["next_epoch"], state["history"]
+        current = model.state_dict()
+        stale = sorted(k for k, v in state["model"].items() if k not in current or current[k].shape != v.shape)
+        stale += sorted(k for k in current if k not in state["model"])
+        if stale:
+            raise ValueError(f"checkpoint {ckpt_path} does not fit this model (its parameters changed: "
+                             f"{', '.join(stale[:5])}{' ...' if len(stale) > 5 else ''}); delete {ckpt_path.parent} "
+                             "or pass resume=False to start afresh")
 
     model.on_fit_start(_loader(train_data, batch_size, shuffle=False))
     total_steps = sum(epochs.values()) * math.ceil(len(train_data) / batch_size)

@@ -180,3 +180,13 @@ def test_check_parameters_reads_papermill_injection():
         check_parameters(ns)
     ns["In"] = [history[0], history[1], history[3]]  # interactive: no injection
     assert check_parameters({**ns, "num_epochs": 3})["num_epochs"] == 3
+
+
+def test_resume_from_a_checkpoint_of_another_architecture_says_what_to_do(tmp_path):
+    model, kw = _train(tmp_path)
+    fit(model, ToySet(), **kw)
+    changed, kw = _train(tmp_path)
+    changed.net[0] = nn.Conv2d(3, 5, 1)  # the model code changed since the checkpoint was written
+    changed.net[2] = nn.Conv2d(5, 3, 1)
+    with pytest.raises(ValueError, match=r"does not fit this model .*net\.0\.weight.*resume=False"):
+        fit(changed, ToySet(), resume=True, **kw)
