@@ -28,7 +28,7 @@ from torch import nn
 
 from ..registry import register_model
 from ..types import AnomalyModel, AnomalyOutput
-from .vit import ConvDecoder, ViTEncoder
+from .vit import ConvDecoder, ViTEncoder, check_images
 
 
 class _ReconstructionAE(AnomalyModel):
@@ -44,10 +44,7 @@ class _ReconstructionAE(AnomalyModel):
         raise NotImplementedError
 
     def _check_images(self, images: torch.Tensor) -> None:
-        s = self.image_size
-        if images.ndim != 4 or images.shape[1:] != (3, s, s):
-            raise ValueError(f"{type(self).__name__} expects images of shape (B, 3, {s}, {s}), got "
-                             f"{tuple(images.shape)}")
+        check_images(self, images)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """images (B, 3, S, S) → reconstruction (B, 3, S, S)."""

@@ -314,6 +314,13 @@ class MDNHead(nn.Module):
         return out.view(x.shape[:-1])
 
 
+def check_images(model: nn.Module, images: torch.Tensor) -> None:
+    """Raise a clear ValueError unless ``images`` is (B, 3, S, S) with S = ``model.image_size``."""
+    s = model.image_size
+    if images.ndim != 4 or images.shape[1:] != (3, s, s):
+        raise ValueError(f"{type(model).__name__} expects images of shape (B, 3, {s}, {s}), got {tuple(images.shape)}")
+
+
 def squash(s: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """Capsule squashing (Sabour et al. 2017): v = |s|²/(1+|s|²) · s/|s|."""
     n2 = (s * s).sum(dim, keepdim=True)

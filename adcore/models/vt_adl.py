@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from ..registry import register_model
 from ..types import AnomalyModel, AnomalyOutput
-from .vit import ConvDecoder, MDNHead, ViTEncoder, squash, ssim
+from .vit import ConvDecoder, MDNHead, ViTEncoder, check_images, squash, ssim
 
 MDN_MODES = ("vtadl", "logsumexp")
 IMAGE_SCORES = ("map", "paper")
@@ -108,10 +108,7 @@ class VTADL(AnomalyModel):
 
     # ---------------------------------------------------------------------------------------------------------------
     def _check_images(self, images: torch.Tensor) -> None:
-        s = self.image_size
-        if images.ndim != 4 or images.shape[1:] != (3, s, s):
-            raise ValueError(f"{type(self).__name__} expects images of shape (B, 3, {s}, {s}), got "
-                             f"{tuple(images.shape)}")
+        check_images(self, images)
 
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (B, N, D) → reconstruction (B, 3, S, S) through the global reconstruction vector."""
