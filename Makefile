@@ -2,6 +2,8 @@
 #   make test   create/reuse .venv and run the whole test suite
 #   make book   create/reuse .venv, run every notebook with papermill and build the HTML book
 PYTHON ?= python3
+# Notebook runs side by side in `make book`; each gets cores/JOBS torch threads (2 suits a 2-core machine).
+JOBS ?= 2
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.adcore-installed
@@ -27,7 +29,7 @@ test-fast: venv
 	$(PY) -m pytest -q -ra -m "not notebook"
 
 book: venv
-	$(PY) -m adcore book
+	$(PY) -m adcore book --jobs $(JOBS)
 
 clean:
 	rm -rf book/_build book/_runs book/_static/vendor results checkpoints runs

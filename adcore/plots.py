@@ -339,6 +339,36 @@ def plot_ablation(tables: dict, metric: str = "pixel_auroc", title: str | None =
     return fig
 
 
+def plot_validation_curve(curve: dict, used_epochs: int | None = None, title: str | None = None) -> Figure:
+    """Validation pixel AUROC against training epochs, as written by ``python -m adcore.validation``.
+
+    Args:
+        curve: ``adcore.validation.stored_curve(name)`` (or ``epoch_curve``'s result): per-category values and their
+            mean, measured on synthetic anomalies in held-out *training* images, never on the test split.
+        used_epochs: the epoch count the run uses, marked with a vertical line (the curve's choice is marked too).
+    """
+    if not isinstance(curve, dict) or "curves" not in curve or "mean_pixel_auroc" not in curve:
+        raise ValueError("curve must be a validation curve dict with 'curves' and 'mean_pixel_auroc'")
+    fig, ax = plt.subplots(figsize=(5.5, 3.0))
+    for category, points in curve["curves"].items():
+        epochs = sorted(int(e) for e in points)
+        ax.plot(epochs, [points[e]["pixel_auroc"] for e in epochs], marker="o", lw=1, alpha=0.7, label=category)
+    epochs = sorted(int(e) for e in curve["mean_pixel_auroc"])
+    ax.plot(epochs, [curve["mean_pixel_auroc"][e] for e in epochs], marker="s", lw=2.5, color="k", label="mean")
+    chosen = curve.get("chosen_epochs")
+    if chosen is not None:
+        ax.axvline(chosen, color="k", ls=":", lw=1, label=f"best on validation ({chosen})")
+    if used_epochs is not None and used_epochs != chosen:
+        ax.axvline(used_epochs, color="r", ls="--", lw=1, label=f"this run ({used_epochs})")
+    ax.set_xlabel("training epochs")
+    ax.set_ylabel("validation pixel AUROC")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    ax.set_title(title or f"{curve.get('model', '')}: synthetic anomalies in held-out training images")
+    fig.tight_layout()
+    return fig
+
+
 def plot_benchmark(bench, title: str | None = None) -> Figure:
     """Kernel benchmark rows (``kernels/bench/results.csv``) → one panel per kernel: speedup over the PyTorch
     reference per shape, one bar per (mode, dtype); a dashed line marks parity. ``median_ms`` is drawn instead when

@@ -73,7 +73,7 @@ def _epochs_per_stage(model: AnomalyModel, num_epochs) -> dict[str, int]:
 
 
 def fit(model: AnomalyModel, train_data, *, num_epochs=1, lr: float = 1e-3, batch_size: int = 8, seed: int = 0,
-        device="cpu", checkpoint_dir=None, resume: bool = False, progress: bool = True) -> list[dict]:
+        device="cpu", checkpoint_dir=None, resume: bool = False, progress: bool = True, epoch_end=None) -> list[dict]:
     """Train ``model`` on ``train_data`` (normal images only) for a fixed number of epochs.
 
     Args:
@@ -89,6 +89,9 @@ def fit(model: AnomalyModel, train_data, *, num_epochs=1, lr: float = 1e-3, batc
         checkpoint_dir: folder for ``last.pt``; ``None`` disables checkpoints (and resume).
         resume: continue from ``checkpoint_dir/last.pt`` if it exists.
         progress: show a tqdm bar with the running loss.
+        epoch_end: optional ``epoch_end(model, stage, epoch)`` called after every finished epoch (``epoch`` counts
+            from 1), after its checkpoint; ``adcore.validation`` uses it to score a held-out set. The random state
+            is restored after the call, so it cannot change the training that follows.
 
     Returns:
         The training history: one dict per optimiser step (stage, epoch, step, loss, and the model's other logged
@@ -195,6 +198,10 @@ def fit(model: AnomalyModel, train_data, *, num_epochs=1, lr: float = 1e-3, batc
                         "scheduler": None if (last_epoch or scheduler is None) else scheduler.state_dict(),
                         "rng": _rng_state(), "history": history, "time": time.time(),
                     }, ckpt_path)
+                if epoch_end is not None:
+                    rng = _rng_state()
+                    epoch_end(model, stage, epoch + 1)
+                    _set_rng_state(rng)
         if state is not None:  # every stage had finished before the interruption
             model.load_state_dict(state["model"])
             _set_rng_state(state["rng"])

@@ -115,6 +115,22 @@ def test_ablation_bars_per_variant_and_category():
         plots.plot_ablation({"full": t1}, metric="aupro")
 
 
+def test_validation_curve_plots_categories_mean_and_both_epoch_marks():
+    curve = {"model": "m", "chosen_epochs": 10, "mean_pixel_auroc": {5: 0.7, 10: 0.8},
+             "curves": {"a": {5: {"pixel_auroc": 0.6}, 10: {"pixel_auroc": 0.9}},
+                        "b": {5: {"pixel_auroc": 0.8}, 10: {"pixel_auroc": 0.7}}}}
+    ax = plots.plot_validation_curve(curve, used_epochs=5).axes[0]
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    assert list(lines["mean"].get_ydata()) == [0.7, 0.8]
+    assert list(lines["a"].get_xdata()) == [5, 10]
+    assert list(lines["best on validation (10)"].get_xdata()) == [10, 10]
+    assert list(lines["this run (5)"].get_xdata()) == [5, 5]
+    assert "this run (10)" not in {line.get_label() for line in
+                                   plots.plot_validation_curve(curve, used_epochs=10).axes[0].get_lines()}
+    with pytest.raises(ValueError, match="validation curve"):
+        plots.plot_validation_curve({"curves": {}})
+
+
 def test_benchmark_plot_one_panel_per_kernel():
     bench = pd.DataFrame({"kernel": ["attn", "attn", "mdn"], "shape": ["64", "256", "1k"], "mode": ["fwd"] * 3,
                           "dtype": ["fp16"] * 3, "median_ms": [1.0, 2.0, 3.0], "speedup": [2.0, 3.0, 1.5],

@@ -1,0 +1,157 @@
+"""Choosing a training length without the test set: a validation curve on synthetic anomalies in held-out normals.
+
+The reconstruction papers (VT-ADL, ADViT, AnoViT) train a fixed number of epochs, and on fine textures that number
+decides which regime a model ends in (a blurry reconstruction in which defects stand out, or a sharp one that
+reproduces them). The number must not be read off test curves. This module gives the honest alternative:
+
+1. split a category's *training* images into a fitting part and ``holdout`` held-out normals;
+2. paste one DRAEM-style pseudo-anomaly into a copy of every held-out image (:class:`PseudoAnomalySynthesizer`,
+   whose foreign textures never come from the test defects' sources) and keep the clean copies as normals;
+3. train once on the fitting part and score the held-out set after every epoch in ``epochs`` (one run: the ViT models
+   use a constant learning rate, so the model after epoch e of a long run *is* the model of an e-epoch run);
+4. pick the epoch with the best mean pixel AUROC over categories (ties: fewer epochs).
+
+``python -m adcore.validation vt_adl --params adcore/validation_curves/vt_adl.yaml --out
+adcore/validation_curves/vt_adl.json`` writes the curve; the notebooks load it with :func:`stored_curve` and plot it
+beside their default. The test split is never opened.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Subset
+
+from .data import list_categories, load_dataset
+from .evaluation import predict_dataset
+from .metrics import image_auroc, pixel_auroc
+from .registry import create_model
+from .training import fit
+from .utils import atomic_write_json, seed_everything
+
+__all__ = ["SyntheticValidationSet", "choose_epochs", "epoch_curve", "load_curve", "stored_curve"]
+
+
+class SyntheticValidationSet(Dataset):
+    """Held-out normal images, each twice: clean (label 0) and with one pasted pseudo-anomaly (label 1).
+
+    Items follow :class:`adcore.data.AnomalyDataset` (image (3, S, S) float, mask (S, S) uint8, label, path, defect).
+    The pseudo-anomalies are drawn once, from ``seed``, with the global torch RNG forked so nothing else changes.
+    """
+
+    def __init__(self, normals, seed: int = 0):
+        from .models.pseudo_anomaly import PseudoAnomalySynthesizer
+
+        images = torch.stack([normals[i]["image"] for i in range(len(normals))])  # (H, 3, S, S)
+        self.paths = [normals[i]["path"] for i in range(len(normals))]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            anomalous, masks = PseudoAnomalySynthesizer(clean_prob=0.0)(images)
+        self.images = torch.cat([images, anomalous])
+        self.masks = torch.cat([torch.zeros_like(masks), masks]).to(torch.uint8)
+        self.labels = [0] * len(images) + [int(m.any()) for m in masks]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> dict:
+        n = len(self.paths)
+        return {"image": self.images[i], "mask": self.masks[i], "label": self.labels[i],
+                "path": self.paths[i % n] + ("" if i < n else "#pseudo"), "defect": "good" if i < n else "pseudo"}
+
+
+def split_train(train, holdout: int, seed: int = 0):
+    """``(fitting part, held-out part)`` of a training split, a seeded random ``holdout`` images held out."""
+    if not 0 < holdout < len(train):
+        raise ValueError(f"holdout must be between 1 and {len(train) - 1} for {len(train)} training images, "
+                         f"got {holdout}")
+    order = np.random.default_rng(seed).permutation(len(train))
+    return Subset(train, sorted(order[holdout:].tolist())), Subset(train, sorted(order[:holdout].tolist()))
+
+
+def epoch_curve(model_name: str, *, model_params: dict | None = None, dataset: str = "textures", categories=None,
+                data_root=None, image_size: int = 64, epochs=(5, 10, 20, 30), lr: float = 1e-3, batch_size: int = 8,
+                seed: int = 0, holdout: int = 16, device="cpu", progress: bool = True) -> dict:
+    """Validation pixel and image AUROC after each epoch in ``epochs``, per category, on synthetic anomalies.
+
+    Returns ``{"model", "params", "epochs", "curves": {category: {epoch: {"pixel_auroc", "image_auroc"}}},
+    "mean_pixel_auroc": {epoch: value}, "chosen_epochs", "seconds"}``.
+    """
+    epochs = sorted({int(e) for e in epochs})
+    if not epochs or epochs[0] < 1:
+        raise ValueError(f"epochs must be positive ints, got {epochs}")
+    categories = list_categories(dataset, data_root=data_root) if categories is None else list(categories)
+    t0 = time.perf_counter()
+    curves: dict[str, dict[int, dict]] = {}
+    for category in categories:
+        train = load_dataset(dataset, category, "train", image_size=image_size, data_root=data_root)
+        fitting, held = split_train(train, holdout, seed)
+        val = SyntheticValidationSet(held, seed=seed)
+        curves[category] = {}
+
+        def score(model, stage, epoch, _category=category, _val=val):
+            if epoch in epochs:
+                arrays = predict_dataset(model, _val, batch_size=batch_size, device=device)
+                curves[_category][epoch] = {
+                    "pixel_auroc": round(float(pixel_auroc(arrays["maps"], arrays["masks"])), 4),
+                    "image_auroc": round(float(image_auroc(arrays["labels"], arrays["map_scores"])), 4)}
+
+        seed_everything(seed)
+        model = create_model(model_name, **(model_params or {}))
+        fit(model, fitting, num_epochs=epochs[-1], lr=lr, batch_size=batch_size, seed=seed, device=device,
+            progress=progress, epoch_end=score)
+    mean = {e: round(float(np.mean([curves[c][e]["pixel_auroc"] for c in categories])), 4) for e in epochs}
+    return {"model": model_name, "params": {"model_params": model_params or {}, "dataset": str(dataset),
+                                            "image_size": image_size, "lr": lr, "batch_size": batch_size,
+                                            "seed": seed, "holdout": holdout},
+            "epochs": epochs, "curves": curves, "mean_pixel_auroc": mean, "chosen_epochs": choose_epochs(mean),
+            "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def choose_epochs(mean_pixel_auroc: dict) -> int:
+    """The epoch count with the highest validation pixel AUROC; the smallest one among ties (at 3 decimals)."""
+    best = max(round(v, 3) for v in mean_pixel_auroc.values())
+    return min(int(e) for e, v in mean_pixel_auroc.items() if round(v, 3) == best)
+
+
+def stored_curve(model_name: str) -> dict:
+    """The curve shipped with adcore for ``model_name`` (``adcore/validation_curves/<model>.json``)."""
+    path = Path(__file__).with_name("validation_curves") / f"{model_name}.json"
+    if not path.exists():
+        raise FileNotFoundError(f"no stored validation curve for {model_name!r}: run python -m adcore.validation "
+                                f"{model_name} --params {path.with_suffix('.yaml')} --out {path}")
+    return load_curve(path)
+
+
+def load_curve(path) -> dict:
+    """A curve written by :func:`main`, with its epoch keys back as ints."""
+    data = json.loads(Path(path).read_text())
+    data["curves"] = {c: {int(e): v for e, v in cur.items()} for c, cur in data["curves"].items()}
+    data["mean_pixel_auroc"] = {int(e): v for e, v in data["mean_pixel_auroc"].items()}
+    return data
+
+
+def main(argv=None) -> int:
+    import yaml
+
+    parser = argparse.ArgumentParser(prog="python -m adcore.validation", description=__doc__.split("\n")[0])
+    parser.add_argument("model", help="registered model name, e.g. vt_adl")
+    parser.add_argument("--params", help="YAML of model_params and the training settings (image_size, lr, ...)")
+    parser.add_argument("--epochs", type=int, nargs="+", default=[5, 10, 20, 30])
+    parser.add_argument("--holdout", type=int, default=16, help="training images held out per category")
+    parser.add_argument("--out", required=True, help="JSON file to write")
+    args = parser.parse_args(argv)
+    settings = yaml.safe_load(Path(args.params).read_text()) if args.params else {}
+    curve = epoch_curve(args.model, epochs=args.epochs, holdout=args.holdout, **settings)
+    atomic_write_json(curve, args.out)
+    print(json.dumps({"mean_pixel_auroc": curve["mean_pixel_auroc"], "chosen_epochs": curve["chosen_epochs"],
+                      "seconds": curve["seconds"]}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
