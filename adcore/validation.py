@@ -9,7 +9,8 @@ reproduces them). The number must not be read off test curves. This module gives
    whose foreign textures never come from the test defects' sources) and keep the clean copies as normals;
 3. train once on the fitting part and score the held-out set after every epoch in ``epochs`` (one run: the ViT models
    use a constant learning rate, so the model after epoch e of a long run *is* the model of an e-epoch run);
-4. pick the epoch with the best mean pixel AUROC over categories (ties: fewer epochs).
+4. pick the epoch with the best mean pixel AUROC over categories (ties: fewer epochs), among those no larger than
+   ``max_epochs``: the most a notebook can train within its CPU budget.
 
 ``python -m adcore.validation vt_adl --params adcore/validation_curves/vt_adl.yaml --out
 adcore/validation_curves/vt_adl.json`` writes the curve; the notebooks load it with :func:`stored_curve` and plot it
@@ -75,11 +76,12 @@ def split_train(train, holdout: int, seed: int = 0):
 
 def epoch_curve(model_name: str, *, model_params: dict | None = None, dataset: str = "textures", categories=None,
                 data_root=None, image_size: int = 64, epochs=(5, 10, 20, 30), lr: float = 1e-3, batch_size: int = 8,
-                seed: int = 0, holdout: int = 16, device="cpu", progress: bool = True) -> dict:
+                seed: int = 0, holdout: int = 16, max_epochs: int | None = None, device="cpu",
+                progress: bool = True) -> dict:
     """Validation pixel and image AUROC after each epoch in ``epochs``, per category, on synthetic anomalies.
 
     Returns ``{"model", "params", "epochs", "curves": {category: {epoch: {"pixel_auroc", "image_auroc"}}},
-    "mean_pixel_auroc": {epoch: value}, "chosen_epochs", "seconds"}``.
+    "mean_pixel_auroc": {epoch: value}, "max_epochs", "chosen_epochs", "seconds"}``.
     """
     epochs = sorted({int(e) for e in epochs})
     if not epochs or epochs[0] < 1:
@@ -108,14 +110,19 @@ def epoch_curve(model_name: str, *, model_params: dict | None = None, dataset: s
     return {"model": model_name, "params": {"model_params": model_params or {}, "dataset": str(dataset),
                                             "image_size": image_size, "lr": lr, "batch_size": batch_size,
                                             "seed": seed, "holdout": holdout},
-            "epochs": epochs, "curves": curves, "mean_pixel_auroc": mean, "chosen_epochs": choose_epochs(mean),
+            "epochs": epochs, "curves": curves, "mean_pixel_auroc": mean, "max_epochs": max_epochs,
+            "chosen_epochs": choose_epochs(mean, max_epochs),
             "seconds": round(time.perf_counter() - t0, 1)}
 
 
-def choose_epochs(mean_pixel_auroc: dict) -> int:
-    """The epoch count with the highest validation pixel AUROC; the smallest one among ties (at 3 decimals)."""
-    best = max(round(v, 3) for v in mean_pixel_auroc.values())
-    return min(int(e) for e, v in mean_pixel_auroc.items() if round(v, 3) == best)
+def choose_epochs(mean_pixel_auroc: dict, max_epochs: int | None = None) -> int:
+    """The epoch count with the highest validation pixel AUROC, the smallest among ties (at 3 decimals), considering
+    only counts up to ``max_epochs`` (None: all)."""
+    allowed = {int(e): v for e, v in mean_pixel_auroc.items() if max_epochs is None or int(e) <= max_epochs}
+    if not allowed:
+        raise ValueError(f"no measured epoch count is <= max_epochs={max_epochs}: {sorted(mean_pixel_auroc)}")
+    best = max(round(v, 3) for v in allowed.values())
+    return min(e for e, v in allowed.items() if round(v, 3) == best)
 
 
 def stored_curve(model_name: str) -> dict:
@@ -143,10 +150,11 @@ def main(argv=None) -> int:
     parser.add_argument("--params", help="YAML of model_params and the training settings (image_size, lr, ...)")
     parser.add_argument("--epochs", type=int, nargs="+", default=[5, 10, 20, 30])
     parser.add_argument("--holdout", type=int, default=16, help="training images held out per category")
+    parser.add_argument("--max-epochs", type=int, help="largest epoch count the choice may take (the CPU budget)")
     parser.add_argument("--out", required=True, help="JSON file to write")
     args = parser.parse_args(argv)
     settings = yaml.safe_load(Path(args.params).read_text()) if args.params else {}
-    curve = epoch_curve(args.model, epochs=args.epochs, holdout=args.holdout, **settings)
+    curve = epoch_curve(args.model, epochs=args.epochs, holdout=args.holdout, max_epochs=args.max_epochs, **settings)
     atomic_write_json(curve, args.out)
     print(json.dumps({"mean_pixel_auroc": curve["mean_pixel_auroc"], "chosen_epochs": curve["chosen_epochs"],
                       "seconds": curve["seconds"]}))

@@ -69,18 +69,21 @@ def test_choose_epochs_prefers_fewer_among_ties():
     assert choose_epochs({5: 0.70, 10: 0.75, 20: 0.74}) == 10
     assert choose_epochs({5: 0.7504, 10: 0.7496, 20: 0.70}) == 5  # equal at three decimals
     assert choose_epochs({2: 0.5, 30: 0.9}) == 30
+    assert choose_epochs({2: 0.5, 20: 0.6, 30: 0.9}, max_epochs=20) == 20  # 30 epochs exceed the budget
+    with pytest.raises(ValueError, match="max_epochs"):
+        choose_epochs({5: 0.5}, max_epochs=2)
 
 
 def test_epoch_curve_on_textures_end_to_end(tmp_path):
     params = tmp_path / "p.yaml"
     params.write_text(f"model_params: {TINY_ANOVIT}\nimage_size: {S}\ncategories: [brick]\nbatch_size: 8\n")
     out = tmp_path / "curve.json"
-    assert main(["anovit", "--params", str(params), "--epochs", "2", "1", "--holdout", "8", "--out", str(out)]) == 0
+    assert main(["anovit", "--params", str(params), "--epochs", "2", "1", "--holdout", "8", "--max-epochs", "1",
+                 "--out", str(out)]) == 0
     curve = load_curve(out)
     assert curve["epochs"] == [1, 2] and set(curve["curves"]) == {"brick"}
     for metrics in curve["curves"]["brick"].values():
         assert 0.0 <= metrics["pixel_auroc"] <= 1.0 and 0.0 <= metrics["image_auroc"] <= 1.0
-    assert curve["chosen_epochs"] in (1, 2)
-    assert curve["chosen_epochs"] == choose_epochs(curve["mean_pixel_auroc"])
+    assert curve["chosen_epochs"] == 1 and curve["max_epochs"] == 1
     with pytest.raises(ValueError, match="epochs"):
         epoch_curve("anovit", model_params=TINY_ANOVIT, image_size=S, categories=["brick"], epochs=[0])
