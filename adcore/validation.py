@@ -47,7 +47,7 @@ class SyntheticValidationSet(Dataset):
     def __init__(self, normals, seed: int = 0):
         from .models.pseudo_anomaly import PseudoAnomalySynthesizer
 
-        images = torch.stack([normals[i]["image"] for i in range(len(normals))])  # (H, 3, S, S)
+        images = torch.stack([normals[i]["image"] for i in range(len(normals))])  # (n, 3, S, S), n held out
         self.paths = [normals[i]["path"] for i in range(len(normals))]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -104,6 +104,7 @@ def epoch_curve(model_name: str, *, model_params: dict | None = None, dataset: s
 
         seed_everything(seed)
         model = create_model(model_name, **(model_params or {}))
+        _check_constant_schedule(model, lr)
         fit(model, fitting, num_epochs=epochs[-1], lr=lr, batch_size=batch_size, seed=seed, device=device,
             progress=progress, epoch_end=score)
     mean = {e: round(float(np.mean([curves[c][e]["pixel_auroc"] for c in categories])), 4) for e in epochs}
@@ -113,6 +114,15 @@ def epoch_curve(model_name: str, *, model_params: dict | None = None, dataset: s
             "epochs": epochs, "curves": curves, "mean_pixel_auroc": mean, "max_epochs": max_epochs,
             "chosen_epochs": choose_epochs(mean, max_epochs),
             "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def _check_constant_schedule(model, lr: float) -> None:
+    # One run scored at several epochs equals several runs only with one stage and no learning-rate schedule.
+    _, scheduler = model.configure_optimizers(model.stages[0], lr)
+    if len(model.stages) != 1 or scheduler is not None:
+        raise ValueError(f"epoch_curve scores one run at several epochs, which needs a single-stage model with a "
+                         f"constant learning rate; {model.model_name!r} has stages {list(model.stages)} and "
+                         f"{'a' if scheduler is not None else 'no'} scheduler")
 
 
 def choose_epochs(mean_pixel_auroc: dict, max_epochs: int | None = None) -> int:
@@ -154,6 +164,10 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True, help="JSON file to write")
     args = parser.parse_args(argv)
     settings = yaml.safe_load(Path(args.params).read_text()) if args.params else {}
+    known = {"model_params", "dataset", "categories", "data_root", "image_size", "lr", "batch_size", "seed", "device"}
+    if not isinstance(settings, dict) or set(settings) - known:
+        parser.error(f"{args.params} must map some of {sorted(known)}; got "
+                     f"{sorted(settings) if isinstance(settings, dict) else type(settings).__name__}")
     curve = epoch_curve(args.model, epochs=args.epochs, holdout=args.holdout, max_epochs=args.max_epochs, **settings)
     atomic_write_json(curve, args.out)
     print(json.dumps({"mean_pixel_auroc": curve["mean_pixel_auroc"], "chosen_epochs": curve["chosen_epochs"],

@@ -87,3 +87,8 @@ def test_epoch_curve_on_textures_end_to_end(tmp_path):
     assert curve["chosen_epochs"] == 1 and curve["max_epochs"] == 1
     with pytest.raises(ValueError, match="epochs"):
         epoch_curve("anovit", model_params=TINY_ANOVIT, image_size=S, categories=["brick"], epochs=[0])
+    with pytest.raises(ValueError, match="single-stage model with a constant learning rate"):
+        epoch_curve("aand", image_size=S, categories=["brick"], epochs=[1])
+    params.write_text("image_size: 32\nepochs: [1]\n")  # epochs belong on the command line
+    with pytest.raises(SystemExit):
+        main(["anovit", "--params", str(params), "--out", str(out)])
