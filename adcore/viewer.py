@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 from pathlib import Path
 
@@ -182,6 +183,26 @@ def _frame_bytes(aligned: list, i_pos: int, maps01: dict, size: int, thresholds,
     return frames
 
 
+# Upper bounds on the JSON a saved widget model adds besides its PNG bytes (measured with ipywidgets 8.1 on
+# 128-px frames: ~5.4 kB per image position and method, ~25 kB of controls per category and method).
+_BYTES_PER_POSITION = 5500
+_BYTES_PER_PANEL = 26000
+_BYTES_FIXED = 5000
+
+
+def _estimate_state(aligned: dict, picks: dict, frames: dict) -> int:
+    """An upper bound on the saved state of ``_assemble(aligned, picks, ...)``, from the frames' bytes alone.
+
+    The viewer is sized with this instead of by building and measuring candidates: nbclient saves the state of every
+    widget a kernel ever opened, closed or not, so a discarded over-budget build would still land on the page.
+    """
+    b64 = sum(4 * math.ceil(len(png) / 3) for cat, pos in picks.items() for p in pos for f in frames[cat, p]
+              for png in [*(v for key, v in f.items() if key != "pred"), *f["pred"]])
+    methods = len(next(iter(aligned.values())))
+    positions = sum(len(pos) for pos in picks.values()) * methods
+    return b64 + _BYTES_PER_POSITION * positions + _BYTES_PER_PANEL * len(picks) * methods + _BYTES_FIXED
+
+
 def state_size(root) -> int:
     """Bytes of JSON the widget state of ``root`` (and its links) takes in a saved notebook.
 
@@ -191,19 +212,6 @@ def state_size(root) -> int:
 
     state = dependency_state([root, *getattr(root, "links", [])], drop_defaults=False)
     return len(json.dumps(state))
-
-
-def _close_tree(root) -> None:
-    """Close ``root``, its descendants, their layouts/styles and its links (a discarded, over-budget build)."""
-    todo, seen = [root, *getattr(root, "links", [])], set()
-    while todo:
-        w = todo.pop()
-        if id(w) in seen:
-            continue
-        seen.add(id(w))
-        todo += list(getattr(w, "children", ()))
-        todo += [x for x in (getattr(w, "layout", None), getattr(w, "style", None)) if x is not None]
-        w.close()
 
 
 def _assemble(aligned: dict, picks: dict, frames: dict, title, size: int, thresholds):
@@ -291,32 +299,24 @@ def build_static(runs, title: str | None = None, *, max_images: int = 24, size: 
     maps01 = {cat: {m: normalise_maps(arr["maps"]) for m, arr, _ in al} for cat, al in aligned.items()}
     # a second viewer on the same page gets what the first left of the page budget (but always a minimal viewer)
     budget = int(max(min(budget_mb, PAGE_BUDGET_MB - _page_state_used / 2**20), 0.15) * 2**20)
-    frames: dict = {}  # (category, position) -> per-method frame PNGs; kept across the shrinking loop
+    frames: dict = {}  # (category, position) -> per-method frame PNGs, rendered once while the size is chosen
 
-    def render(picks):
+    def render_picks(picks):
         for cat, pos in picks.items():
             for p in pos:
                 if (cat, p) not in frames:
                     frames[cat, p] = _frame_bytes(aligned[cat], p, maps01[cat], size, thresholds, colors)
+        return picks
 
     def choose(k):
         return {cat: _select({"labels": al[0][1]["labels"][al[0][2]]}, k) for cat, al in aligned.items()}
 
-    # First guess from one image's frames (base64 = 4/3 of the PNG bytes, plus ~0.7 kB of JSON per model).
-    first = next(iter(aligned))
-    render({first: np.array([0])})
-    per_image = sum(4 / 3 * len(png) + 700 for f in frames[first, 0]
-                    for png in [*(v for key, v in f.items() if key != "pred"), *f["pred"]])
-    k = int(max(1, min(max_images, 0.85 * budget // max(per_image * len(aligned), 1))))
-    while True:
-        picks = choose(k)
-        render(picks)
-        root = _assemble(aligned, picks, frames, title, size, thresholds)
-        state = state_size(root)
-        if state <= budget or k == 1:
-            break
-        _close_tree(root)
-        k = max(1, min(k - 1, int(k * budget / state * 0.95)))
+    k = max_images
+    while k > 1 and _estimate_state(aligned, render_picks(choose(k)), frames) > budget:
+        k -= 1
+    picks = render_picks(choose(k))
+    root = _assemble(aligned, picks, frames, title, size, thresholds)  # built once: see _estimate_state
+    state = state_size(root)
     _page_state_used += state
     root.state_bytes = state
     root.n_images = max(len(p) for p in picks.values())

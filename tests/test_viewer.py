@@ -105,6 +105,22 @@ def test_static_viewer_stays_within_its_state_budget():
     assert any(t.startswith("anomalous") for t in labels) and any(t.startswith("good") for t in labels)
 
 
+def test_static_viewer_opens_only_the_widgets_it_shows():
+    # nbclient saves the state of every widget a kernel ever opened, closed or not: sizing the viewer by building and
+    # discarding over-budget candidates put them on the page too (4 MB pages in the full book).
+    # a flat first category and noisy others: a size guessed from the first image alone falls far short
+    big = {"": {c: fake_arrays(n=40, size=64, seed=i, noise=c != "a") for i, c in enumerate("abc")}}
+    opened = []
+    W.Widget.on_widget_constructed(opened.append)
+    try:
+        root = viewer.build_static(big, size=64, budget_mb=0.5)
+    finally:
+        W.Widget.on_widget_constructed(None)
+    assert 1 < root.n_images < 40  # the budget did bind
+    for cls in (W.Image, W.IntSlider, W.Dropdown):
+        assert sum(isinstance(w, cls) for w in opened) == len(widgets_of(root, cls)), cls.__name__
+
+
 def test_compare_matches_images_by_path():
     order = [5, 4, 3, 2, 1, 0]
     root = viewer.build_static({"m1": fake_arrays(), "m2": fake_arrays(order=order)}, size=32)
