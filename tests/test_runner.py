@@ -217,9 +217,12 @@ def test_interrupting_a_batch_keeps_finished_runs(tmp_path):
     nb = write_notebook(tmp_path / "slow.ipynb", "seed = 0  # s",
                         ["import os, time\ntime.sleep(float(os.environ.get('TEST_SLEEP', '0')) * seed)"])
     rd = tmp_path / "runs"
+    # A job started in the background by a non-interactive shell (as CI harnesses may start the suite) inherits
+    # SIGINT ignored, and Python then never raises KeyboardInterrupt: give the runner a terminal's default.
     proc = subprocess.Popen([sys.executable, "-m", "adcore", "run", str(nb), "--seeds", "0", "1", "--runs-dir",
                              str(rd), "--no-progress"], env={**os.environ, "TEST_SLEEP": "300"},
-                            start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     runs = runner.plan_runs([nb], seeds=[0, 1], runs_dir=rd)
     deadline = time.time() + 120
     while time.time() < deadline and (runner._status(runs[1]) or {}).get("status") != "running":
