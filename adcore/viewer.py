@@ -23,6 +23,7 @@ import io
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -317,6 +318,9 @@ def build_static(runs, title: str | None = None, *, max_images: int = 24, size: 
     picks = render_picks(choose(k))
     root = _assemble(aligned, picks, frames, title, size, thresholds)  # built once: see _estimate_state
     state = state_size(root)
+    if state > budget and k > 1:  # the estimate's constants undershot (e.g. very long captions): say so
+        warnings.warn(f"static viewer state {state / 2**20:.2f} MB exceeds its budget {budget / 2**20:.2f} MB; pass "
+                      "a smaller max_images or size", stacklevel=2)
     _page_state_used += state
     root.state_bytes = state
     root.n_images = max(len(p) for p in picks.values())
