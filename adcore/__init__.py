@@ -13,7 +13,8 @@ from . import metrics, notebook
 from .data import list_categories, load_dataset
 from .evaluation import evaluate
 from .experiment import ExperimentResult, run_experiment
-from .registry import create_model, list_models, register_model
+from .recipes import Recipe
+from .registry import create_model, get_recipe, list_models, register_model
 from .training import NonFiniteLossError, fit
 from .types import AnomalyModel, AnomalyOutput
 from .utils import seed_everything
@@ -30,6 +31,7 @@ def __getattr__(name):
     raise AttributeError(f"module 'adcore' has no attribute {name!r}")
 
 __all__ = [
-    "AnomalyModel", "AnomalyOutput", "ExperimentResult", "NonFiniteLossError", "create_model", "evaluate", "fit",
+    "AnomalyModel", "AnomalyOutput", "ExperimentResult", "NonFiniteLossError", "Recipe", "create_model", "evaluate",
+    "fit", "get_recipe",
     "list_categories", "list_models", "load_dataset", "register_model", "run_experiment", "seed_everything",
 ]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .data import list_categories, load_dataset
 from .evaluation import evaluate
-from .registry import create_model
+from .registry import create_model, get_recipe
 from .training import fit
 from .utils import params_hash, seed_everything
 
@@ -38,13 +38,15 @@ class ExperimentResult:
 
 
 def run_experiment(model_name: str, *, model_params: dict | None = None, dataset: str = "textures",
-                   categories=None, data_root=None, image_size: int | None = 128, num_epochs=1, lr: float = 1e-3,
-                   batch_size: int = 8, seed: int = 0, device="cpu", run_name: str | None = None,
+                   categories=None, data_root=None, image_size: int | None = 128, num_epochs=None,
+                   lr: float | None = None, batch_size: int | None = None, seed: int = 0, device="cpu", run_name: str | None = None,
                    results_dir="results", checkpoint_root="checkpoints", resume: bool = True, progress: bool = True,
                    keep_models: bool = True, keep_arrays: bool = True) -> ExperimentResult:
     """Train ``model_name`` from scratch on each category's normal images and evaluate it on the test split.
 
-    ``categories=None`` runs every category found on disk. Checkpoints go to
+    ``num_epochs``, ``lr`` and ``batch_size`` left as None come from the model's default recipe
+    (``adcore.get_recipe(model_name)``); the results file records the values used. ``categories=None`` runs every
+    category found on disk. Checkpoints go to
     ``checkpoint_root/<run>-<dataset>-<category>-<hash>/last.pt`` so a killed run resumes where it stopped when it is
     run again with ``resume=True``; ``checkpoint_root=None`` disables them.
     """
@@ -57,6 +59,12 @@ def run_experiment(model_name: str, *, model_params: dict | None = None, dataset
     missing = [c for c in categories if c not in found]
     if missing:
         raise ValueError(f"categories {missing} are not in dataset {dataset!r}; found {sorted(found)}")
+    epochs_from_recipe = num_epochs is None
+    if num_epochs is None or lr is None or batch_size is None:
+        recipe = get_recipe(model_name).training_kwargs()
+        num_epochs = recipe["num_epochs"] if num_epochs is None else num_epochs
+        lr = recipe["lr"] if lr is None else lr
+        batch_size = recipe["batch_size"] if batch_size is None else batch_size
     run = run_name or model_name
     params = {"model": model_name, "model_params": model_params, "dataset": dataset, "data_root": data_root,
               "image_size": image_size, "num_epochs": num_epochs, "lr": lr, "batch_size": batch_size, "seed": seed}
@@ -70,7 +78,10 @@ def run_experiment(model_name: str, *, model_params: dict | None = None, dataset
         ckpt = None
         if checkpoint_root is not None:
             ckpt = Path(checkpoint_root) / f"{run}-{Path(str(dataset)).name}-{category}-{params_hash(params)}"
-        history = fit(model, train, num_epochs=num_epochs, lr=lr, batch_size=batch_size, seed=seed, device=device,
+        epochs = num_epochs
+        if epochs_from_recipe and isinstance(epochs, dict):  # a variant built without a stage keeps the others'
+            epochs = {stage: n for stage, n in epochs.items() if stage in model.stages}
+        history = fit(model, train, num_epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, device=device,
                       checkpoint_dir=ckpt, resume=resume and ckpt is not None, progress=progress)
         fit_seconds = time.perf_counter() - t0
         result, arrays = evaluate(model, test, run_name=run, params={**params, "category": category},

@@ -47,3 +47,21 @@ def create_model(name: str, **params):
     model = cls(**params)
     model.model_params = dict(params)
     return model
+
+
+def get_recipe(name: str, which: str = "default"):
+    """The :class:`adcore.recipes.Recipe` ``which`` (``"default"`` or ``"paper"``) of the model registered as ``name``.
+
+    Raises:
+        ValueError: unknown model, or a recipe the model does not declare.
+    """
+    from .recipes import recipes_of
+
+    _load_all()
+    if name not in _MODELS:
+        raise ValueError(f"unknown model {name!r}; registered models: {', '.join(sorted(_MODELS))}")
+    recipes = recipes_of(_MODELS[name])
+    if which not in recipes:
+        have = ", ".join(sorted(recipes)) or "none"
+        raise ValueError(f"model {name!r} has no {which!r} recipe (it declares: {have})")
+    return recipes[which]

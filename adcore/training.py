@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from .recipes import recipes_of
 from .types import AnomalyModel
 from .utils import atomic_torch_save, resolve_device, seed_everything
 
@@ -72,15 +73,33 @@ def _epochs_per_stage(model: AnomalyModel, num_epochs) -> dict[str, int]:
     return out
 
 
-def fit(model: AnomalyModel, train_data, *, num_epochs=1, lr: float = 1e-3, batch_size: int = 8, seed: int = 0,
-        device="cpu", checkpoint_dir=None, resume: bool = False, progress: bool = True, epoch_end=None) -> list[dict]:
+def _recipe_defaults(model: AnomalyModel, num_epochs, lr, batch_size):
+    """Fill the training arguments left as None from the model's default recipe."""
+    if num_epochs is not None and lr is not None and batch_size is not None:
+        return num_epochs, lr, batch_size
+    recipe = recipes_of(model).get("default")
+    if recipe is None:
+        missing = [k for k, v in (("num_epochs", num_epochs), ("lr", lr), ("batch_size", batch_size)) if v is None]
+        raise ValueError(f"{type(model).__name__} declares no default recipe; pass {', '.join(missing)} to fit")
+    given = {"num_epochs": num_epochs, "lr": lr, "batch_size": batch_size}
+    out = {k: recipe.training_kwargs()[k] if v is None else v for k, v in given.items()}
+    # A model built without some stage (e.g. AAND without Stage I) keeps the recipe's epochs for the stages it has.
+    if isinstance(out["num_epochs"], dict) and num_epochs is None:
+        out["num_epochs"] = {s: out["num_epochs"][s] for s in model.stages if s in out["num_epochs"]}
+    return out["num_epochs"], out["lr"], out["batch_size"]
+
+
+def fit(model: AnomalyModel, train_data, *, num_epochs=None, lr: float | None = None, batch_size: int | None = None,
+        seed: int = 0, device="cpu", checkpoint_dir=None, resume: bool = False, progress: bool = True,
+        epoch_end=None) -> list[dict]:
     """Train ``model`` on ``train_data`` (normal images only) for a fixed number of epochs.
 
     Args:
         model: an :class:`AnomalyModel`.
         train_data: a dataset whose items are dicts with an ``"image"`` (3, S, S) tensor.
         num_epochs: epochs per stage, an int for every stage or a dict ``{stage: epochs}``. No checkpoint is ever
-            chosen on test data: training simply stops after these epochs.
+            chosen on test data: training simply stops after these epochs. None: the model's default recipe
+            (``model.recipes["default"]``, see :mod:`adcore.recipes`), as are ``lr`` and ``batch_size``.
         lr: learning rate passed to ``model.configure_optimizers``.
         batch_size: images per step.
         seed: seeds the weights' initialisation (if the model is created after ``seed_everything``), the data
@@ -99,6 +118,7 @@ def fit(model: AnomalyModel, train_data, *, num_epochs=1, lr: float = 1e-3, batc
     """
     if not isinstance(model, AnomalyModel):
         raise TypeError(f"fit expects an adcore AnomalyModel, got {type(model).__name__}")
+    num_epochs, lr, batch_size = _recipe_defaults(model, num_epochs, lr, batch_size)
     if len(train_data) == 0:
         raise ValueError("fit got an empty training set")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:

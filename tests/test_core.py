@@ -8,6 +8,7 @@ from torch import nn
 
 from adcore import evaluate, fit
 from adcore.notebook import ParameterError, check_parameters, validate_parameters
+from adcore.recipes import Recipe
 from adcore.registry import create_model, register_model
 from adcore.training import NonFiniteLossError
 from adcore.types import AnomalyModel, AnomalyOutput
@@ -42,6 +43,8 @@ class ToyAE(AnomalyModel):
     """A per-pixel linear autoencoder with input noise, so training consumes the global RNG every step."""
 
     stages = ("first", "second")
+    recipes = {"default": Recipe(num_epochs={"first": 2, "second": 1}, lr=0.05, batch_size=4, image_size=8,
+                                 source="a toy for the loop's own tests")}
 
     def __init__(self, fail_at_step=None, interrupt_at_step=None):
         super().__init__()
@@ -190,3 +193,23 @@ def test_resume_from_a_checkpoint_of_another_architecture_says_what_to_do(tmp_pa
     changed.net[2] = nn.Conv2d(5, 3, 1)
     with pytest.raises(ValueError, match=r"does not fit this model .*net\.0\.weight.*resume=False"):
         fit(changed, ToySet(), resume=True, **kw)
+
+
+def test_fit_without_training_arguments_uses_the_default_recipe():
+    # ToyAE's recipe: 2 + 1 epochs of 3 steps (12 images, batch 4), lr 0.05 halved each epoch by its scheduler.
+    seed_everything(0)
+    history = fit(ToyAE(), ToySet(), progress=False)
+    assert [(h["stage"], h["epoch"]) for h in history[::3]] == [("first", 0), ("first", 1), ("second", 0)]
+    seed_everything(0)
+    explicit = fit(ToyAE(), ToySet(), num_epochs={"first": 2, "second": 1}, lr=0.05, batch_size=4, progress=False)
+    assert [h["loss"] for h in history] == [h["loss"] for h in explicit]
+    # An argument given explicitly wins over the recipe.
+    assert len(fit(ToyAE(), ToySet(), num_epochs=1, progress=False)) == 6
+
+
+def test_fit_names_what_is_missing_when_a_model_has_no_recipe():
+    class NoRecipe(ToyAE):
+        recipes = {}
+
+    with pytest.raises(ValueError, match="declares no default recipe; pass lr, batch_size"):
+        fit(NoRecipe(), ToySet(), num_epochs=1, progress=False)
