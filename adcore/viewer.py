@@ -403,9 +403,11 @@ def grid_figure(runs, n_images: int = 4, title: str | None = None):
         if label:
             axes[r, 0].text(-0.08, 0.5, label, transform=axes[r, 0].transAxes, rotation=90, ha="right",
                             va="center", fontsize=7)
+    # tight_layout ignores a suptitle: reserve a band of 0.3 inch above the rows for it, or it covers their titles.
+    top = 1.0 - 0.3 / fig.get_figheight() if title else 1.0
     if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+        fig.suptitle(title, fontsize=9, y=1.0, va="top")
+    fig.tight_layout(rect=(0, 0, 1, top))
     return fig
 
 

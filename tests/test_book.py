@@ -32,7 +32,9 @@ def stand_in_paper(path: Path) -> Path:
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     code = nbformat.v4.new_code_cell
     nb.cells = [
-        nbformat.v4.new_markdown_cell("# Stand-in paper\n\nThe kNN baseline on one embedded category."),
+        nbformat.v4.new_markdown_cell("# Stand-in paper\n\nThe kNN baseline on one embedded category, scored by\n"
+                                      "$s(x) = \\max_{i} \\min_{m \\in \\mathcal M} \\lVert f_i(x) - m \\rVert$ over a "
+                                      "$D\\times h \\times w$ feature map."),
         code('dataset = "textures"  # benchmark\ndata_root = None  # its folder\ncategories = ["brick"]  # which\n'
              'image_size = 64  # pixels\nseed = 0  # seed\nresults_dir = "results"  # results JSON\n'
              'run_name = None  # name in the results', metadata={"tags": ["parameters"]}),
@@ -124,6 +126,24 @@ def test_pages_exist_within_the_widget_budget_and_load_widget_js_locally(book):
     assert (html.parent / "_static" / "vendor-js" / "mathjax" / "tex-mml-chtml.js").is_file()
 
 
+# Page text with code, program output and typeset maths taken out: what is left is prose, where TeX must not show.
+PROSE_JS = """() => {
+  const a = document.querySelector('article').cloneNode(true);
+  a.querySelectorAll('pre, code, .cell_input, .cell_output, .output, mjx-container, script, style')
+    .forEach(e => e.remove());
+  return a.innerText;
+}"""
+RAW_TEX_RE = re.compile(r"\\[A-Za-z]{2,}|\$[^$\s][^$]{0,200}\$|\\[(\[]")
+
+
+def build_machine_paths(html: Path) -> list[str]:
+    """Absolute paths of the machine that built the book; none may appear in a published page."""
+    paths = {str(REPO), str(Path.home())}
+    out = html.resolve().parents[2]  # OUT/_build/html/index.html -> OUT
+    paths |= {str(p) for p in (out, out.parent) if len(p.parts) > 2}  # never "/" or "/tmp" alone
+    return sorted(p for p in paths if p not in ("/", ""))
+
+
 def _chromium():
     for name in ("chromium", "chromium-browser"):
         path = shutil.which(name)
@@ -166,6 +186,14 @@ def test_a_reader_sees_every_chapter_the_table_and_a_working_slider(book, browse
         assert page.locator("h1").count() >= 1, f"{path.name} has no title"
         if page.locator("span.math, div.math").count():
             page.wait_for_selector("mjx-container", timeout=30_000)  # the vendored MathJax typeset the maths
+            page.wait_for_timeout(500)
+        assert page.locator("mjx-merror").count() == 0, f"{path.name}: MathJax could not typeset " \
+            f"{page.locator('mjx-merror').first.get_attribute('data-mjx-error')}"
+        raw = RAW_TEX_RE.findall(page.evaluate(PROSE_JS))
+        assert not raw, f"{path.name} shows raw TeX in its prose: {raw[:5]}"
+        source = path.read_text()
+        leaked = [p for p in build_machine_paths(html) if p in source]
+        assert not leaked, f"{path.name} prints the build machine's absolute path(s) {leaked}"
         if "comparison" in path.name:
             cells = page.locator("article table td").all_inner_texts()
             numbers = [c for c in cells if re.fullmatch(r"\s*[01]\.\d{3}\s*", c)]

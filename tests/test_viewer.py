@@ -198,3 +198,18 @@ def test_viewers_on_one_page_share_the_page_budget(monkeypatch):
     assert first.state_bytes <= 0.5 * 2**20
     assert first.state_bytes + second.state_bytes <= 0.6 * 2**20 + 0.15 * 2**20
     assert second.n_images < first.n_images
+
+
+def test_grid_figure_title_does_not_cover_the_first_row():
+    # the book's shape: 3 categories x 6 methods = 18 rows (a tall figure is where the title used to land on row 1)
+    methods = ["knn", "dmad", "aand", "vt_adl", "advit", "anovit"]
+    runs = {m: {c: fake_arrays(seed=i) for c in ("brick", "grass", "gravel")} for i, m in enumerate(methods)}
+    fig = viewer.grid_figure(runs, n_images=4, title="every method on the same test images")
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    title_box = fig._suptitle.get_window_extent(renderer)
+    # every panel, its image title included, must sit wholly below the figure title
+    panels = [ax.get_tightbbox(renderer) for ax in fig.axes if ax.get_images()]
+    assert panels, "the grid drew no images"
+    overlapping = [b for b in panels if b.y1 > title_box.y0]
+    assert not overlapping, f"the figure title overlaps {len(overlapping)} panels (title bottom {title_box.y0:.0f} px)"
