@@ -248,9 +248,17 @@ def test_minimax_off_gives_sigma_no_gradient():
 def test_advit_score_uses_training_statistics():
     model = _model("advit")
     adcore.fit(model, _dataset(), num_epochs=1, lr=1e-3, batch_size=3, progress=False)
-    # on_fit_end measured the discrepancy of the training patches; no test data is involved.
-    series, _ = model.discrepancy(model.encoder(_images())[1])
-    assert model.assoc_mean.item() == pytest.approx(series.mean().item(), rel=1e-4)
+    # on_fit_end measured the discrepancy of the training patches at every grid position; no test data is involved.
+    series, _ = model.discrepancy(model.encoder(_images())[1])  # (6 training images, N)
+    assert model.assoc_mean.shape == model.assoc_std.shape == model.grid_hw
+    torch.testing.assert_close(model.assoc_mean.flatten(), series.mean(0))
+    torch.testing.assert_close(model.assoc_std.flatten(), series.std(0, unbiased=False))
+    # The global statistics follow from the per-position ones exactly: pooled over all training patches.
+    model.assoc_norm = "global"
+    mean, std = model.assoc_stats()
+    torch.testing.assert_close(mean, series.mean().expand(series.shape[1]))
+    torch.testing.assert_close(std, series.std(unbiased=False).expand(series.shape[1]), rtol=1e-4, atol=1e-6)
+    model.assoc_norm = "position"
     images = _images(3, seed=2)
     with_assoc = model.predict(images).anomaly_map
     model.assoc_weight = 0.0
@@ -258,6 +266,57 @@ def test_advit_score_uses_training_statistics():
     tokens, _ = model.encoder(images)
     torch.testing.assert_close(nll_only.flatten(1), model.mdn.nll(tokens))
     assert not torch.allclose(with_assoc, nll_only)
+    model.assoc_weight = 1.0
+    s_test, _ = model.discrepancy(model.encoder(images)[1])
+    z = (s_test - model.assoc_mean.flatten()) / model.assoc_std.flatten()
+    torch.testing.assert_close(with_assoc.flatten(1), nll_only.flatten(1) * torch.exp(-z.clamp(-20, 20)))
+
+
+def test_advit_position_norm_removes_the_grid_template():
+    """The discrepancy depends on grid position (border priors are truncated); per-position statistics remove that."""
+    model = _model("advit")
+    train = _dataset(6)
+    adcore.fit(model, train, num_epochs=1, lr=1e-3, batch_size=3, progress=False)
+    mean = model.assoc_mean
+    # Before any standardisation R carries the grid: corner and centre differ by far more than R varies per position.
+    assert (mean[0, 0] - mean[1, 1]).abs() > 3 * model.assoc_std.max()
+    images = torch.stack([d["image"] for d in train])
+    series, _ = model.discrepancy(model.encoder(images)[1])
+    for norm, template in (("position", False), ("global", True)):
+        model.assoc_norm = norm
+        m, s = model.assoc_stats()
+        z = ((series - m) / s).mean(0)  # mean standardised R of the training images, per position
+        assert (z.abs().max() > 1) == template, (norm, z)
+    with pytest.raises(ValueError, match="assoc_norm"):
+        _model("advit", assoc_norm="none")
+
+
+def test_advit_statistics_travel_with_the_state_dict():
+    model = _model("advit")
+    adcore.fit(model, _dataset(), num_epochs=1, lr=1e-3, batch_size=3, progress=False)
+    fresh = adcore.create_model("advit", **TINY["advit"])
+    fresh.load_state_dict(model.state_dict())
+    images = _images(2, seed=4)
+    torch.testing.assert_close(fresh.eval().predict(images).anomaly_map, model.predict(images).anomaly_map)
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_create_model_without_arguments_is_the_default_recipe(name):
+    """``fit(create_model(name), data)`` trains the notebook's default: constructor defaults = the default recipe."""
+    import inspect
+
+    recipe = adcore.get_recipe(name, "default")
+    cls = type(_model(name))
+    defaults = {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    if name == "advit":  # ADViT's own parameters, then VT-ADL's through **vt_adl_params
+        defaults |= {k: p.default for k, p in inspect.signature(cls.__mro__[1].__init__).parameters.items()
+                     if p.default is not inspect.Parameter.empty}
+    flat = recipe.flat()
+    assert {k: defaults[k] for k in flat if k in defaults} == {k: flat[k] for k in flat if k in defaults}
+    assert set(recipe.model_params) <= set(defaults) and "image_size" in defaults
+    paper = adcore.get_recipe(name, "paper")
+    assert set(paper.model_params) <= set(defaults)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -22,21 +22,34 @@ reconstruction decoder and a Gaussian MDN, trained with a minimax strategy) and 
   the prior, the maximise phase) and ``dis_prior`` reaches only σ (the prior is pulled towards the frozen series
   association, the minimise phase). Anomaly Transformer calls ``backward`` twice, which counts the reconstruction
   gradient twice; here it counts once.
-* Anomaly score per patch: MDN NLL_i · exp(−w·(R_i − μ_R)/σ_R), with μ_R, σ_R the mean and standard deviation of R
-  over the training patches (measured after training) and w = ``assoc_weight``. This is Anomaly Transformer's
-  softmax(−T·R)·error without the softmax's per-window denominator, which would make each image's scores sum to
-  one and destroy image-level comparability; the temperature is 1/σ_R instead of a hand-set 50. As in Anomaly
-  Transformer, a *smaller* discrepancy means more anomalous. ``assoc_weight=0`` scores with the MDN alone.
+* Anomaly score per patch: MDN NLL_i · exp(−w·(R_i − μ_p(i))/σ_p(i)), with μ_p, σ_p the mean and standard deviation
+  of R at grid position p over the training images (measured after training) and w = ``assoc_weight``. This is
+  Anomaly Transformer's softmax(−T·R)·error without the softmax's per-window denominator, which would make each
+  image's scores sum to one and destroy image-level comparability; the temperature is 1/σ_p instead of a hand-set 50.
+  As in Anomaly Transformer, a *smaller* discrepancy means more anomalous. ``assoc_weight=0`` scores with the MDN
+  alone.
+* Why per grid position (``assoc_norm="position"``): the prior of a border patch is a Gaussian truncated by the grid
+  edge and renormalised over fewer neighbours, so R depends on where a patch sits as much as on what it shows (a 1-D
+  window has only two ends; an 8×8 grid has 28 of 64 cells on its border). With one mean and standard deviation over
+  all patches (``assoc_norm="global"``, our first version) the factor exp(−w·z) painted the same centred blob on
+  every image and the image AUROC fell to chance. Standardising R per position with training statistics removes that
+  template and leaves how unusual R is *for that position*; the statistics are buffers, so ``state_dict`` carries
+  them.
 * Everything else (noise σ 0.2, MDN, decoder, loss weights, bug fixes) is :class:`adcore.models.vt_adl.VTADL`.
 """
 from __future__ import annotations
 
 import torch
 
+from ..recipes import Recipe
 from ..registry import register_model
 from ..types import AnomalyOutput
 from .vit import ssim
-from .vt_adl import VTADL
+from .vt_adl import DEFAULT_MODEL_PARAMS, PAPER_MODEL_PARAMS, VTADL, check_choice
+
+ASSOC_NORMS = ("position", "global")
+#: Anomaly Transformer's k = 3 (thuml/Anomaly-Transformer ``main.py``); the score's weight and norm are ours.
+ASSOCIATION_PARAMS = dict(minimax_weight=3.0, assoc_weight=1.0, assoc_norm="position")
 
 
 @register_model("advit")
@@ -47,21 +60,37 @@ class ADViT(VTADL):
         minimax_weight: k, the weight of the association terms in the loss (3 in Anomaly Transformer; 0 turns the
             minimax off, so σ keeps its initial value).
         assoc_weight: w, the weight of the association discrepancy in the anomaly score (0 = MDN NLL only).
+        assoc_norm: how R is standardised before it enters the score, with training-set statistics: ``"position"``
+            (per grid position, the default) or ``"global"`` (one mean and standard deviation over all patches, the
+            first version, whose maps are a positional template; kept to show the difference).
         **vt_adl_params: every :class:`~adcore.models.vt_adl.VTADL` parameter.
     """
 
     attention = "anomaly"
     class_token = False
+    recipes = {
+        "default": Recipe(num_epochs=5, lr=1e-3, batch_size=8, image_size=64,
+                          model_params={**DEFAULT_MODEL_PARAMS, **ASSOCIATION_PARAMS},
+                          source="VT-ADL's CPU default plus Anomaly Transformer's k; num_epochs from the synthetic-"
+                                 "anomaly validation curve (adcore/validation_curves/advit.json)"),
+        "paper": Recipe(num_epochs=400, lr=1e-4, batch_size=8, image_size=512,
+                        model_params={**PAPER_MODEL_PARAMS, **ASSOCIATION_PARAMS},
+                        source="ADViT published no settings; its repository's code is VT-ADL's, so VT-ADL's paper "
+                               "recipe, plus Anomaly Transformer's k = 3 (main.py)"),
+    }
 
-    def __init__(self, minimax_weight: float = 3.0, assoc_weight: float = 1.0, **vt_adl_params):
+    def __init__(self, minimax_weight: float = 3.0, assoc_weight: float = 1.0, assoc_norm: str = "position",
+                 **vt_adl_params):
         super().__init__(**vt_adl_params)
         if minimax_weight < 0 or assoc_weight < 0:
             raise ValueError(f"minimax_weight and assoc_weight must be >= 0, got {minimax_weight!r}, "
                              f"{assoc_weight!r}")
-        self.minimax_weight, self.assoc_weight = float(minimax_weight), float(assoc_weight)
-        # Training-set statistics of the per-patch discrepancy, set by on_fit_end.
-        self.register_buffer("assoc_mean", torch.zeros(()))
-        self.register_buffer("assoc_std", torch.ones(()))
+        check_choice("assoc_norm", assoc_norm, ASSOC_NORMS)
+        self.minimax_weight, self.assoc_weight, self.assoc_norm = float(minimax_weight), float(assoc_weight), assoc_norm
+        # Training-set mean and population standard deviation of R at each grid position, (h, w), set by on_fit_end.
+        # Both norms read them: the global statistics follow exactly, as every position has the same count.
+        self.register_buffer("assoc_mean", torch.zeros(self.grid_hw))
+        self.register_buffer("assoc_std", torch.ones(self.grid_hw))
 
     @staticmethod
     def discrepancy(assocs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,23 +112,33 @@ class ADViT(VTADL):
 
     @torch.no_grad()
     def on_fit_end(self, train_loader) -> None:
-        values = []
+        values = []  # (M, N): R of every training image at every grid position
         for batch in train_loader:
             images = batch["image"].to(self.assoc_mean.device)
             _, assocs = self.encoder(images)
-            values.append(self.discrepancy(assocs)[0].flatten())
+            values.append(self.discrepancy(assocs)[0])
         values = torch.cat(values)
-        self.assoc_mean.copy_(values.mean())
-        self.assoc_std.copy_(values.std().clamp_min(1e-6))
+        self.assoc_mean.copy_(values.mean(0).view(self.grid_hw))
+        self.assoc_std.copy_(values.std(0, unbiased=False).view(self.grid_hw))
+
+    def assoc_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, std) of R per grid position, each (N,), under ``assoc_norm``; std is floored at 1e-6."""
+        mean, std = self.assoc_mean.flatten(), self.assoc_std.flatten()
+        if self.assoc_norm == "global":  # pooled over positions of equal count: E[R], sqrt(E[R²] − E[R]²)
+            pooled = mean.mean()
+            std = ((std**2 + mean**2).mean() - pooled**2).clamp_min(0).sqrt().expand_as(std)
+            mean = pooled.expand_as(mean)
+        return mean, std.clamp_min(1e-6)
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> AnomalyOutput:
-        """Map = NLL_i · exp(−w·(R_i − μ_R)/σ_R) on the patch grid; score = max of it, or the paper's score."""
+        """Map = NLL_i · exp(−w·(R_i − μ_p)/σ_p) on the patch grid; score = max of it, or the paper's score."""
         self._check_images(images)
         tokens, assocs = self.encoder(images)
         nll = self.mdn.nll(tokens, mode=self.mdn_mode, backend=self.backend)  # (B, N), > 0 since variances ≥ 1
         series, _ = self.discrepancy(assocs)
-        z = ((series - self.assoc_mean) / self.assoc_std).clamp(-20, 20)  # keeps exp finite on outliers
+        mean, std = self.assoc_stats()
+        z = ((series - mean) / std).clamp(-20, 20)  # keeps exp finite on outliers
         patch_score = nll * torch.exp(-self.assoc_weight * z)
         score = patch_score.amax(1)
         if self.image_score == "paper":

@@ -26,9 +26,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..recipes import Recipe
 from ..registry import register_model
 from ..types import AnomalyModel, AnomalyOutput
 from .vit import ConvDecoder, ViTEncoder, check_images
+
+#: What the abstract fixes is structural (ViT encoder, no class token, all patch embeddings as a feature map, a decoder,
+#: reconstruction error); it gives no number. Every value of the "paper" recipe is therefore OUR ASSUMPTION: the
+#: standard ViT-Base/16 configuration of Dosovitskiy et al. (224 px, 16-px patches, D 768, 12 blocks, 12 heads, MLP
+#: 3072) trained from scratch, a 256-wide decoder, Adam at lr 1e-4 without weight decay, batch 8, 100 epochs.
+_PAPER_SOURCE = ("AnoViT's abstract gives no hyper-parameter: every value is our assumption (a ViT-Base/16-sized "
+                 "encoder from scratch, 224 px, lr 1e-4, batch 8, 100 epochs)")
+_DEFAULT_SOURCE = ("CPU default on 64-px images with 8-px patches; num_epochs from the synthetic-anomaly validation "
+                   "curve (adcore/validation_curves/anovit.json), capped by the notebook's CPU budget")
 
 
 class _ReconstructionAE(AnomalyModel):
@@ -76,6 +86,15 @@ class AnoViT(_ReconstructionAE):
         weight_decay: Adam weight decay.
     """
 
+    recipes = {
+        "default": Recipe(num_epochs=30, lr=1e-3, batch_size=8, image_size=64, source=_DEFAULT_SOURCE,
+                          model_params=dict(patch_size=8, embed_dim=128, depth=4, num_heads=4, mlp_ratio=2.0,
+                                            decoder_width=128, weight_decay=0.0)),
+        "paper": Recipe(num_epochs=100, lr=1e-4, batch_size=8, image_size=224, source=_PAPER_SOURCE,
+                        model_params=dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0,
+                                          decoder_width=256, weight_decay=0.0)),
+    }
+
     def __init__(self, image_size: int = 64, patch_size: int = 8, embed_dim: int = 128, depth: int = 4,
                  num_heads: int = 4, mlp_ratio: float = 2.0, decoder_width: int = 128, weight_decay: float = 0.0):
         encoder = ViTEncoder(image_size, patch_size, embed_dim, depth, num_heads, mlp_ratio, class_token=False,
@@ -101,6 +120,16 @@ class ConvAE(_ReconstructionAE):
         base_width: channels after the first convolution.
         decoder_width, weight_decay: as for :class:`AnoViT`.
     """
+
+    # AnoViT's comparison: the same feature-map shape, decoder, data and training as AnoViT's recipe of that name.
+    recipes = {
+        "default": Recipe(num_epochs=30, lr=1e-3, batch_size=8, image_size=64, source=_DEFAULT_SOURCE,
+                          model_params=dict(patch_size=8, embed_dim=128, base_width=32, decoder_width=128,
+                                            weight_decay=0.0)),
+        "paper": Recipe(num_epochs=100, lr=1e-4, batch_size=8, image_size=224, source=_PAPER_SOURCE,
+                        model_params=dict(patch_size=16, embed_dim=768, base_width=32, decoder_width=256,
+                                          weight_decay=0.0)),
+    }
 
     def __init__(self, image_size: int = 64, patch_size: int = 8, embed_dim: int = 128, base_width: int = 32,
                  decoder_width: int = 128, weight_decay: float = 0.0):

@@ -269,9 +269,9 @@ class MDNHead(nn.Module):
     models the same vector it is conditioned on (target = input x). μ and log σ² are laid out (…, K, D) with D
     contiguous (the code's view is (…, D, K)); the weights are learned, so only the layout differs.
 
-    ``conditional=False`` (our corrected variant): one mixture shared by all patches, π-logits (K,), μ (K, D) and
-    log σ² = softplus(·) (K, D) learned as free parameters — a density of patch embeddings that does not depend on
-    the embedding being scored.
+    ``conditional=False`` (the paper's description, a mixture over patch embeddings): one mixture shared by all
+    patches, π-logits (K,), μ (K, D) and log σ² = softplus(·) (K, D) learned as free parameters — a density of patch
+    embeddings that does not depend on the embedding being scored.
 
     K = ``num_components`` (paper 150, code 10).
     """
