@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .data import list_categories, load_dataset
-from .evaluation import evaluate
+from .evaluation import evaluate, image_scores
 from .registry import create_model, get_recipe
 from .training import fit
 from .utils import params_hash, seed_everything
@@ -84,7 +84,9 @@ def run_experiment(model_name: str, *, model_params: dict | None = None, dataset
         history = fit(model, train, num_epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, device=device,
                       checkpoint_dir=ckpt, resume=resume and ckpt is not None, progress=progress)
         fit_seconds = time.perf_counter() - t0
-        result, arrays = evaluate(model, test, run_name=run, params={**params, "category": category},
+        # scores of the normal training images: the threshold behind the honest F1 (no test image involved)
+        train_scores = image_scores(model, train, batch_size=batch_size, device=device)
+        result, arrays = evaluate(model, test, train_scores=train_scores, run_name=run, params={**params, "category": category},
                                   results_dir=results_dir, batch_size=batch_size, device=device, seed=seed,
                                   return_arrays=True, extra={"fit_seconds": round(fit_seconds, 2)})
         out.results.append(result)

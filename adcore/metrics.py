@@ -182,6 +182,30 @@ def f1_max(labels, scores) -> float:
     return float(f1.max())
 
 
+def f1_at_threshold(labels, scores, threshold: float) -> float:
+    """Image-level F1 of the fixed rule "anomalous iff score > threshold".
+
+    The honest counterpart of :func:`f1_max`: the threshold must come from somewhere other than this test set (for
+    ``evaluate``, the largest score of the normal training images).
+
+    Args:
+        labels: (N,) 0 for good, 1 for anomalous; both classes must be present.
+        scores: (N,) image anomaly scores, higher = more anomalous.
+        threshold: a finite number fixed beforehand.
+
+    Returns:
+        2·TP / (2·TP + FP + FN) (the denominator is positive because anomalous images are present).
+    """
+    labels, scores = _check_labels_scores(labels, scores)
+    if not np.isfinite(threshold):
+        raise ValueError(f"threshold must be a finite number, got {threshold!r}")
+    pred = scores > threshold
+    tp = int((pred & (labels == 1)).sum())
+    fp = int((pred & (labels == 0)).sum())
+    fn = int((~pred & (labels == 1)).sum())
+    return 2 * tp / (2 * tp + fp + fn)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # MVTec AU-PRO
 # ---------------------------------------------------------------------------------------------------------------

@@ -134,6 +134,26 @@ def test_evaluate_writes_results_without_overwriting(tmp_path):
     assert not list(tmp_path.glob(".*partial*"))
 
 
+def test_evaluate_f1_at_the_training_threshold(tmp_path):
+    from adcore import metrics
+    from adcore.evaluation import image_scores
+
+    model = ToyAE()
+    fit(model, ToySet(), num_epochs=1, lr=1e-2, batch_size=4, progress=False)
+    train_scores = image_scores(model, ToySet())
+    assert train_scores.shape == (12,)
+    test = ToySet(n=10, split="test", seed=1)
+    result, arrays = evaluate(model, test, write=False, train_scores=train_scores, return_arrays=True)
+    threshold = float(train_scores.max())
+    assert result["threshold_train_max"] == threshold and result["n_train_scored"] == 12
+    assert result["f1_train_threshold"] == metrics.f1_at_threshold(arrays["labels"], arrays["scores"], threshold)
+    good = arrays["scores"][arrays["labels"] == 0]
+    assert result["fpr_train_threshold"] == float((good > threshold).mean())
+    assert "f1_train_threshold" not in evaluate(model, test, write=False)
+    with pytest.raises(ValueError, match="train_scores"):
+        evaluate(model, test, write=False, train_scores=[float("nan")])
+
+
 def test_evaluate_same_seed_same_metrics_on_cpu(tmp_path):
     results = []
     for _ in range(2):

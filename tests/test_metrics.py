@@ -312,3 +312,16 @@ def test_image_metrics_reject_bad_input(fn):
         fn([0, 1, 1], [0.1, np.nan, 0.3])
     with pytest.raises(ValueError, match="only 0 and 1"):
         fn([0, 2, 1], [0.1, 0.2, 0.3])
+
+
+def test_f1_at_threshold_counts_the_fixed_rule():
+    labels = np.array([0, 0, 0, 1, 1, 1])
+    scores = np.array([0.1, 0.5, 0.9, 0.4, 0.8, 1.0])
+    # threshold 0.6: predicted anomalous {0.9, 0.8, 1.0} -> TP 2, FP 1, FN 1 -> F1 = 4 / 6
+    assert metrics.f1_at_threshold(labels, scores, 0.6) == pytest.approx(4 / 6)
+    # strictly greater: a score equal to the threshold is normal
+    assert metrics.f1_at_threshold(labels, scores, 1.0) == 0.0
+    assert metrics.f1_at_threshold(labels, scores, -1.0) == pytest.approx(2 * 3 / (2 * 3 + 3))
+    assert metrics.f1_at_threshold(labels, scores, 0.6) <= metrics.f1_max(labels, scores)
+    with pytest.raises(ValueError, match="finite"):
+        metrics.f1_at_threshold(labels, scores, float("nan"))
