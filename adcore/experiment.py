@@ -5,6 +5,7 @@ fixed number of epochs (checkpointed, resumable), ``evaluate`` (results written 
 """
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,7 +14,7 @@ from .data import list_categories, load_dataset
 from .evaluation import evaluate, image_scores
 from .registry import create_model, get_recipe
 from .training import fit
-from .utils import params_hash, seed_everything
+from .utils import atomic_write_bytes, params_hash, seed_everything
 
 METRICS = ("image_auroc", "pixel_auroc", "aupro")
 
@@ -37,11 +38,35 @@ class ExperimentResult:
         return df
 
 
+CURVE_METRICS = ("image_auroc", "image_auroc_map_max", "pixel_auroc", "aupro")
+
+
+def _test_curve_hook(model, test, every: int, ckpt, resume: bool, **kw):
+    """(curve list, fit epoch_end hook) that appends test metrics after every ``every``-th epoch of the last stage."""
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise ValueError(f"test_curve_every must be a positive int or None, got {every!r}")
+    path = None if ckpt is None else Path(ckpt) / "test_curve.json"
+    curve = json.loads(path.read_text()) if resume and path is not None and path.exists() else []
+    last_stage = model.stages[-1] if model.stages else None
+
+    def hook(m, stage, epoch):
+        if stage != last_stage or epoch % every or any(c["epoch"] == epoch for c in curve):
+            return
+        r = evaluate(m, test, write=False, **kw)
+        curve.append({"stage": stage, "epoch": epoch, **{k: r[k] for k in CURVE_METRICS}})
+        if path is not None:
+            atomic_write_bytes(path, json.dumps(curve).encode())
+
+    return curve, hook
+
+
 def run_experiment(model_name: str, *, model_params: dict | None = None, dataset: str = "textures",
                    categories=None, data_root=None, image_size: int | None = 128, num_epochs=None,
-                   lr: float | None = None, batch_size: int | None = None, seed: int = 0, device="cpu", run_name: str | None = None,
+                   lr: float | None = None, batch_size: int | None = None, seed: int = 0, device="cpu",
+                   run_name: str | None = None,
                    results_dir="results", checkpoint_root="checkpoints", resume: bool = True, progress: bool = True,
-                   keep_models: bool = True, keep_arrays: bool = True) -> ExperimentResult:
+                   keep_models: bool = True, keep_arrays: bool = True,
+                   test_curve_every: int | None = None) -> ExperimentResult:
     """Train ``model_name`` from scratch on each category's normal images and evaluate it on the test split.
 
     ``num_epochs``, ``lr`` and ``batch_size`` left as None come from the model's default recipe
@@ -49,6 +74,12 @@ def run_experiment(model_name: str, *, model_params: dict | None = None, dataset
     category found on disk. Checkpoints go to
     ``checkpoint_root/<run>-<dataset>-<category>-<hash>/last.pt`` so a killed run resumes where it stopped when it is
     run again with ``resume=True``; ``checkpoint_root=None`` disables them.
+
+    ``test_curve_every=k`` also scores the test split after every k-th epoch of the last training stage and stores the
+    metrics as ``test_curve`` in the results. It is a *measurement* of what the papers' test-set checkpoint choices
+    would have reported (``adcore.shortcuts``); nothing is chosen from it, and training is bit-identical with or
+    without it (``fit`` restores the random state after each call). The curve is kept beside the checkpoint, so a
+    resumed run keeps the epochs scored before the interruption.
     """
     model_params = dict(model_params or {})
     if categories is None:
@@ -81,14 +112,19 @@ def run_experiment(model_name: str, *, model_params: dict | None = None, dataset
         epochs = num_epochs
         if epochs_from_recipe and isinstance(epochs, dict):  # a variant built without a stage keeps the others'
             epochs = {stage: n for stage, n in epochs.items() if stage in model.stages}
+        curve, hook = None, None
+        if test_curve_every:
+            curve, hook = _test_curve_hook(model, test, test_curve_every, ckpt, resume and ckpt is not None,
+                                           batch_size=batch_size, device=device)
         history = fit(model, train, num_epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, device=device,
-                      checkpoint_dir=ckpt, resume=resume and ckpt is not None, progress=progress)
+                      checkpoint_dir=ckpt, resume=resume and ckpt is not None, progress=progress, epoch_end=hook)
         fit_seconds = time.perf_counter() - t0
         # scores of the normal training images: the threshold behind the honest F1 (no test image involved)
         train_scores = image_scores(model, train, batch_size=batch_size, device=device)
-        result, arrays = evaluate(model, test, train_scores=train_scores, run_name=run, params={**params, "category": category},
-                                  results_dir=results_dir, batch_size=batch_size, device=device, seed=seed,
-                                  return_arrays=True, extra={"fit_seconds": round(fit_seconds, 2)})
+        result, arrays = evaluate(model, test, train_scores=train_scores, run_name=run,
+                                  params={**params, "category": category}, results_dir=results_dir, batch_size=batch_size, device=device, seed=seed,
+                                  return_arrays=True, extra={"fit_seconds": round(fit_seconds, 2),
+                                                             **({"test_curve": curve} if curve is not None else {})})
         out.results.append(result)
         out.histories[category] = history
         if keep_arrays:

@@ -233,3 +233,24 @@ def test_fit_names_what_is_missing_when_a_model_has_no_recipe():
 
     with pytest.raises(ValueError, match="declares no default recipe; pass lr, batch_size"):
         fit(NoRecipe(), ToySet(), num_epochs=1, progress=False)
+
+
+def test_test_curve_is_measured_without_changing_training(tmp_path):
+    from adcore import run_experiment
+
+    kw = dict(categories=["brick"], image_size=32, num_epochs={"first": 1, "second": 3}, lr=1e-2, batch_size=16,
+              results_dir=None, progress=False, keep_arrays=False)
+    plain = run_experiment("_toy_ae", checkpoint_root=None, **kw)
+    with_curve = run_experiment("_toy_ae", checkpoint_root=tmp_path, test_curve_every=2, **kw)
+    r0, r1 = plain.results[0], with_curve.results[0]
+    # scored after epochs 2 of the last stage only; the scored model is the one training goes on with
+    assert [(c["stage"], c["epoch"]) for c in r1["test_curve"]] == [("second", 2)]
+    assert "test_curve" not in r0
+    for key in ("image_auroc", "pixel_auroc", "aupro", "f1_train_threshold"):
+        assert r0[key] == r1[key], key
+    assert plain.histories["brick"] == with_curve.histories["brick"]
+    # a rerun resumes from the finished checkpoint and keeps the curve written beside it
+    again = run_experiment("_toy_ae", checkpoint_root=tmp_path, test_curve_every=2, **kw).results[0]
+    assert again["test_curve"] == r1["test_curve"]
+    with pytest.raises(ValueError, match="test_curve_every"):
+        run_experiment("_toy_ae", checkpoint_root=None, test_curve_every=0.5, **kw)
