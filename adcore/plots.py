@@ -406,3 +406,33 @@ def plot_benchmark(bench, title: str | None = None) -> Figure:
         fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+def plot_shortcuts(table, title: str | None = None) -> Figure:
+    """One line per shortcut: the honest number (dot) and what the shortcut reports (arrow head).
+
+    Args:
+        table: ``adcore.shortcuts.shortcut_table(results)`` (columns paper, shortcut, method, metric, honest,
+            shortcut_value).
+    """
+    needed = {"paper", "shortcut", "method", "metric", "honest", "shortcut_value"}
+    if not needed <= set(getattr(table, "columns", ())):
+        raise ValueError(f"table must be adcore.shortcuts.shortcut_table(...) with columns {sorted(needed)}")
+    if len(table) == 0:
+        raise ValueError("table holds no shortcut rows")
+    labels = [f"{r.paper} · {r.method} · {r.metric}\n{r.shortcut}" for r in table.itertuples()]
+    fig, ax = plt.subplots(figsize=(7.5, 0.55 * len(table) + 1.0))
+    y = np.arange(len(table))[::-1]
+    for yi, r in zip(y, table.itertuples()):
+        ax.annotate("", xy=(r.shortcut_value, yi), xytext=(r.honest, yi),
+                    arrowprops={"arrowstyle": "->", "color": "tab:red", "lw": 1.5})
+    ax.scatter(table["honest"], y, color="tab:blue", zorder=3, label="honest (this book)")
+    ax.scatter(table["shortcut_value"], y, color="tab:red", marker="|", s=120, zorder=3, label="with the shortcut")
+    ax.set_yticks(y, labels, fontsize=7)
+    lo = float(min(table["honest"].min(), table["shortcut_value"].min()))
+    ax.set_xlim(max(0.0, lo - 0.05), 1.0)
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(fontsize=7, loc="lower left")
+    ax.set_title(title or "what each paper's test-set shortcut adds", fontsize=10)
+    fig.tight_layout()
+    return fig

@@ -157,3 +157,19 @@ def test_image_helpers():
     assert (plots.draw_contour(image, small)[2, 2] == 255).all()
     ov = plots.overlay(image, np.ones((4, 4)))
     assert ov.shape == (8, 8, 3) and ov[..., 0].max() > 0  # jet's top colour is red
+
+
+def test_plot_shortcuts_draws_one_line_per_shortcut():
+    from adcore import shortcuts
+
+    results = [{"model": "vt_adl", "run_name": "vt_adl", "category": c, "aupro": 0.5, "vtadl_pro": 0.8,
+                "image_auroc": 0.7, "f1_max_oracle": 0.9, "f1_train_threshold": 0.6} for c in ("brick", "grass")]
+    table = shortcuts.shortcut_table(results)
+    fig = plots.plot_shortcuts(table)
+    ax = fig.axes[0]
+    assert len(ax.get_yticklabels()) == len(table) == 2
+    assert len([c for c in ax.get_children() if type(c).__name__ == "Annotation"]) == 2
+    with pytest.raises(ValueError, match="no shortcut rows"):
+        plots.plot_shortcuts(table.iloc[:0])
+    with pytest.raises(ValueError, match="columns"):
+        plots.plot_shortcuts(results)
