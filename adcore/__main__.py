@@ -8,6 +8,8 @@ Examples::
     python -m adcore run dmad --params paper --categories bottle cable --seeds 0 1 2
     python -m adcore book                                  # the default grid, then the HTML (make book)
     python -m adcore book --smoke                          # the CI-sized book
+    python -m adcore run --smoke --scheduler tcp://10.0.0.5:8786           # on a running Dask cluster
+    python -m adcore run dmad --params paper --cluster slurm --cluster-config cluster.yaml   # via dask-jobqueue
 """
 from __future__ import annotations
 
@@ -23,8 +25,23 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--jobs", "-j", type=int, default=1, help="runs side by side, each in its own process "
-                        "(each gets cores/jobs threads; on 2 cores 1 is usually fastest)")
+    common.add_argument("--jobs", "-j", type=int, default=1, help="runs side by side on this machine, each in its "
+                        "own process (on 2 cores 1 is usually fastest)")
+    common.add_argument("--threads", type=int, default=1, help="torch threads per run, whatever --jobs and the core "
+                        "count are; recorded in every results file, since the digits depend on it (default: 1)")
+    dist = common.add_argument_group("distributed (Dask); without these, runs are local processes")
+    dist.add_argument("--scheduler", metavar="ADDRESS", help="submit each run to the Dask scheduler at ADDRESS "
+                      "(tcp://HOST:PORT); its workers must see --runs-dir")
+    dist.add_argument("--cluster", choices=["slurm", "pbs", "sge", "lsf"], help="start a Dask cluster of batch "
+                      "jobs with dask-jobqueue (options from --cluster-config and the flags below)")
+    dist.add_argument("--cluster-config", metavar="YAML", help="cores, memory, gpus, walltime, queue, jobs, and any "
+                      "dask-jobqueue option (account, job_script_prologue, ...)")
+    dist.add_argument("--cores", type=int, help="cores per batch job")
+    dist.add_argument("--memory", help="memory per batch job, e.g. 32GB")
+    dist.add_argument("--gpus", type=int, help="GPUs per batch job (runs with device: cuda take one each)")
+    dist.add_argument("--walltime", help="per batch job, e.g. 24:00:00")
+    dist.add_argument("--queue", help="queue or partition")
+    dist.add_argument("--cluster-jobs", type=int, help="batch jobs to start (default 1)")
     common.add_argument("--force", action="store_true", help="rerun runs that already finished")
     common.add_argument("--runs-dir", default="runs", help="where run folders go (default: runs)")
     common.add_argument("--timeout", type=float, default=None, help="per-cell timeout in seconds (default: none)")
@@ -50,8 +67,30 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _executor(args, dry_run: bool = False):
+    """None (local processes), or a Dask executor for --scheduler / --cluster; a dry run prints the job script."""
+    if args.scheduler and args.cluster:
+        raise ValueError("give --scheduler (a running cluster) or --cluster (start one), not both")
+    if not (args.scheduler or args.cluster):
+        return None
+    if args.jobs != 1:
+        raise ValueError("--jobs is for local runs; on Dask, each worker's --nthreads says how many runs it takes")
+    from .batch_dask import DaskExecutor, cluster_options, start_cluster
+
+    cluster = None
+    if args.cluster:
+        opts = cluster_options(args.cluster, args.cluster_config, cores=args.cores, memory=args.memory,
+                               gpus=args.gpus, walltime=args.walltime, queue=args.queue, jobs=args.cluster_jobs)
+        cluster = start_cluster(args.cluster, opts, threads=args.threads, scale=not dry_run)
+        if dry_run:
+            print(f"job script for each of the {opts.get('jobs', 1)} {args.cluster} job(s):\n{cluster.job_script()}")
+            cluster.close()
+            return None
+    return DaskExecutor(scheduler=args.scheduler, cluster=cluster)
+
+
 def _run(args) -> int:
-    from .runner import execute_runs, load_grid, plan_runs, resolve_notebooks, summarize, write_manifest
+    from .batch import execute_runs, load_grid, plan_runs, resolve_notebooks, run_status, summarize, write_manifest
 
     # without --grid, `run` means the notebooks' own defaults (the book's grid is for `book`)
     spec = load_grid(args.grid) if args.grid else {"notebooks": "all", "params": ["default"],
@@ -67,14 +106,20 @@ def _run(args) -> int:
     if args.seeds:
         spec["seeds"] = args.seeds
     runs = plan_runs(resolve_notebooks(spec["notebooks"]), spec["params"], spec["categories"], spec["seeds"],
-                     runs_dir=args.runs_dir)
+                     runs_dir=args.runs_dir, threads=args.threads)
     print(f"{len(runs)} run(s):")
     for run in runs:
-        print(f"  {run.key}  {run.params}")
+        state = (run_status(run) or {}).get("status", "new") if args.dry_run else ""
+        print(f"  {run.key}  {state + '  ' if state else ''}{run.params}")
+    executor = _executor(args, dry_run=args.dry_run)
     if args.dry_run:
         return 0
-    statuses = execute_runs(runs, jobs=args.jobs, force=args.force, timeout=args.timeout,
-                            progress=not args.no_progress)
+    try:
+        statuses = execute_runs(runs, jobs=args.jobs, executor=executor, force=args.force, timeout=args.timeout,
+                                progress=not args.no_progress)
+    finally:
+        if executor is not None:
+            executor.close()
     write_manifest(statuses, Path(args.runs_dir) / "manifest.json")
     ok = summarize(statuses)
     print(f"outputs under {Path(args.runs_dir).resolve()}; manifest {Path(args.runs_dir) / 'manifest.json'}")
@@ -82,12 +127,19 @@ def _run(args) -> int:
 
 
 def _book(args) -> int:
-    from .runner import build_book, summarize
+    from .batch import summarize
+    from .book import build_book
 
     t0 = time.time()
-    out = build_book(grid=args.grid, smoke=args.smoke, notebooks=args.notebooks or None, jobs=args.jobs,
-                     force=args.force, runs_dir=args.runs_dir, out_dir=args.out, timeout=args.timeout,
-                     run=not args.no_run, build=not args.no_build, progress=not args.no_progress)
+    executor = _executor(args) if not args.no_run else None
+    try:
+        out = build_book(grid=args.grid, smoke=args.smoke, notebooks=args.notebooks or None, jobs=args.jobs,
+                         executor=executor, threads=args.threads, force=args.force, runs_dir=args.runs_dir,
+                         out_dir=args.out, timeout=args.timeout, run=not args.no_run, build=not args.no_build,
+                         progress=not args.no_progress)
+    finally:
+        if executor is not None:
+            executor.close()
     ok = summarize(out["statuses"])
     if out["html"]:
         print(f"\nThe book is at {out['html']}\nOpen it with: xdg-open {out['html']}  (or file://{out['html']})")

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
-from . import metrics
+from . import metrics, provenance
 from .types import AnomalyModel, AnomalyOutput
 from .utils import atomic_write_bytes, params_hash, resolve_device
 
@@ -170,6 +170,8 @@ def evaluate(model: AnomalyModel, test_data, *, run_name: str | None = None, par
         "seed": seed if seed is not None else params.get("seed"),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "eval_seconds": round(time.perf_counter() - t0, 3),
+        # what decides the digits beside the parameters: torch threads, library versions, device
+        "reproducibility": provenance.numerics(resolve_device(device)),
     }
     result.update(extra or {})
     if write and results_dir is not None:

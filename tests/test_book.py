@@ -17,7 +17,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from adcore import runner
+from adcore import batch, book
 
 pytestmark = pytest.mark.notebook
 
@@ -66,9 +66,9 @@ def book(tmp_path_factory):
     nb = stand_in_paper(tmp / "notebooks" / "standin.ipynb")
     grid = tmp / "grid.yaml"
     grid.write_text(f"notebooks: [{nb}]\nparams: [default]\n")
-    out = runner.build_book(grid=grid, runs_dir=tmp / "runs", book_dir=REPO / "book", out_dir=tmp / "out",
+    out = book.build_book(grid=grid, runs_dir=tmp / "runs", book_dir=REPO / "book", out_dir=tmp / "out",
                             chapters=("comparison",), progress=False)
-    assert not out["failed"], [runner._describe_error(s) for s in out["failed"]]
+    assert not out["failed"], [batch._describe_error(s) for s in out["failed"]]
     return out["html"], out["stage"]
 
 

@@ -1,4 +1,5 @@
-"""adcore.runner and ``python -m adcore run``: planning, up-front validation, skipping, failures, parallel runs.
+"""adcore.batch and ``python -m adcore run``: planning, up-front validation, skipping, failures, parallel runs, locks;
+adcore.book's staging.
 
 The notebooks here are tiny stand-ins written into tmp_path (no torch import), so each papermill run costs only a
 kernel start.
@@ -9,7 +10,7 @@ import os
 import nbformat
 import pytest
 
-from adcore import runner
+from adcore import batch, book
 from adcore.__main__ import main
 from adcore.data import DataError
 from adcore.notebook import ParameterError
@@ -52,16 +53,16 @@ def write_yaml(path, text):
 
 
 def result_of(run):
-    return json.loads((runner.Path(run.run_dir) / "results" / "r.json").read_text())
+    return json.loads((batch.Path(run.run_dir) / "results" / "r.json").read_text())
 
 
 def test_plan_keys_by_notebook_params_and_seed(nbdir, tmp_path):
     nb = nbdir / "ok.ipynb"
-    runs = runner.plan_runs([nb], ["default", "five"], [None], [0, 1], runs_dir=tmp_path / "runs")
+    runs = batch.plan_runs([nb], ["default", "five"], [None], [0, 1], runs_dir=tmp_path / "runs")
     keys = [r.key for r in runs]
     assert len(set(keys)) == 4 and all(k.startswith("ok-") for k in keys)
     assert keys[0].startswith("ok-default-") and keys[0].endswith("-s0") and keys[3].startswith("ok-five-")
-    again = runner.plan_runs([nb], ["default", "five"], [None], [0, 1], runs_dir=tmp_path / "runs")
+    again = batch.plan_runs([nb], ["default", "five"], [None], [0, 1], runs_dir=tmp_path / "runs")
     assert [r.key for r in again] == keys  # stable across invocations
     assert runs[3].params["x"] == 5 and runs[3].params["seed"] == 1
     assert runs[0].params["results_dir"] == os.path.join(runs[0].run_dir, "results")
@@ -79,9 +80,9 @@ def test_bad_parameter_files_fail_before_any_run(nbdir, tmp_path):
                         ("broken", "not valid YAML"), ("list", "must hold a mapping"),
                         ("runner", "set by the runner"), ("missing", "does not exist")]:
         with pytest.raises(ParameterError, match=match):
-            runner.plan_runs([nb], ["default", name], runs_dir=tmp_path / "runs")
+            batch.plan_runs([nb], ["default", name], runs_dir=tmp_path / "runs")
     with pytest.raises(ParameterError, match="no 'seed' parameter"):
-        runner.plan_runs([nbdir / "bad.ipynb"], seeds=[1], runs_dir=tmp_path / "runs")
+        batch.plan_runs([nbdir / "bad.ipynb"], seeds=[1], runs_dir=tmp_path / "runs")
     # the CLI turns it into one clear line and exit status 2, and nothing ran
     assert main(["run", str(nb), "--params", "typo", "--runs-dir", str(tmp_path / "runs"), "--no-progress"]) == 2
     assert not (tmp_path / "runs").exists()
@@ -91,11 +92,11 @@ def test_missing_data_root_or_category_fails_up_front(tmp_path):
     nb = write_notebook(tmp_path / "data.ipynb", 'dataset = "textures"  # d\ndata_root = None  # r\n'
                         'categories = None  # c', ["1"])
     with pytest.raises(DataError, match="nor an existing folder"):
-        runner.plan_runs([nb], [{"dataset": str(tmp_path / "nowhere")}], runs_dir=tmp_path / "runs")
+        batch.plan_runs([nb], [{"dataset": str(tmp_path / "nowhere")}], runs_dir=tmp_path / "runs")
     with pytest.raises(DataError, match="never downloaded"):
-        runner.plan_runs([nb], [{"dataset": "mvtec"}], runs_dir=tmp_path / "runs")
+        batch.plan_runs([nb], [{"dataset": "mvtec"}], runs_dir=tmp_path / "runs")
     with pytest.raises(DataError, match="does not exist"):
-        runner.plan_runs([nb], [{"dataset": "mvtec", "data_root": str(tmp_path / "absent")}],
+        batch.plan_runs([nb], [{"dataset": "mvtec", "data_root": str(tmp_path / "absent")}],
                          runs_dir=tmp_path / "runs")
     assert main(["run", str(nb), "--params", str(write_yaml(tmp_path / "p.yaml", "dataset: mvtec\n")),
                  "--runs-dir", str(tmp_path / "runs")]) == 2
@@ -107,15 +108,15 @@ def test_unknown_category_fails_up_front(tmp_path, monkeypatch):
                         'categories = None  # c', ["1"])
     monkeypatch.setattr("adcore.data.list_categories", lambda name, data_root=None: ["brick", "grass"])
     with pytest.raises(ParameterError, match=r"categories \['carpet'\] are not in dataset"):
-        runner.plan_runs([nb], categories=["carpet"], runs_dir=tmp_path / "runs")
-    assert runner.plan_runs([nb], categories=["brick"], runs_dir=tmp_path / "runs")[0].params["categories"] == \
+        batch.plan_runs([nb], categories=["carpet"], runs_dir=tmp_path / "runs")
+    assert batch.plan_runs([nb], categories=["brick"], runs_dir=tmp_path / "runs")[0].params["categories"] == \
         ["brick"]
 
 
 def test_failures_are_reported_with_their_cell_and_do_not_stop_the_batch(nbdir, tmp_path):
-    runs = runner.plan_runs([nbdir / "bad.ipynb", nbdir / "ok.ipynb"], runs_dir=tmp_path / "runs")
+    runs = batch.plan_runs([nbdir / "bad.ipynb", nbdir / "ok.ipynb"], runs_dir=tmp_path / "runs")
     log = []
-    statuses = runner.execute_runs(runs, progress=False, log=log.append)
+    statuses = batch.execute_runs(runs, progress=False, log=log.append)
     assert [s["status"] for s in statuses] == ["failed", "ok"]
     err = statuses[0]["error"]
     assert err["type"] == "ValueError" and "boom on purpose" in err["message"]
@@ -128,34 +129,34 @@ def test_failures_are_reported_with_their_cell_and_do_not_stop_the_batch(nbdir, 
     assert result_of(runs[1])["viewer"] == "static"  # the viewer pre-renders under the runner
     assert result_of(runs[1])["cwd"] == runs[1].run_dir
     lines = []
-    assert runner.summarize(statuses, log=lines.append) is False
+    assert batch.summarize(statuses, log=lines.append) is False
     assert any("1 of 2 runs failed" in line for line in lines)
 
 
 def test_finished_runs_are_skipped_unless_forced_or_stale(nbdir, tmp_path):
     nb = nbdir / "ok.ipynb"
-    runs = runner.plan_runs([nb], seeds=[3], runs_dir=tmp_path / "runs")
-    assert runner.execute_runs(runs, progress=False)[0]["status"] == "ok"
+    runs = batch.plan_runs([nb], seeds=[3], runs_dir=tmp_path / "runs")
+    assert batch.execute_runs(runs, progress=False)[0]["status"] == "ok"
     stamp = os.stat(runs[0].output).st_mtime_ns
-    assert runner.execute_runs(runs, progress=False)[0]["status"] == "skipped"
+    assert batch.execute_runs(runs, progress=False)[0]["status"] == "skipped"
     assert os.stat(runs[0].output).st_mtime_ns == stamp
     # an interrupted run (status never reached ok) is redone, resuming from its checkpoints but not keeping the
     # results of the interrupted attempt (a second file per category)
-    run_dir = runner.Path(runs[0].run_dir)
-    status_path = run_dir / runner.STATUS
+    run_dir = batch.Path(runs[0].run_dir)
+    status_path = run_dir / batch.STATUS
     status = json.loads(status_path.read_text())
     status_path.write_text(json.dumps({**status, "status": "running"}))
     (run_dir / "checkpoints").mkdir()
     (run_dir / "results" / "stale.json").write_text("{}")
-    assert runner.execute_runs(runs, progress=False)[0]["status"] == "ok"
+    assert batch.execute_runs(runs, progress=False)[0]["status"] == "ok"
     assert (run_dir / "checkpoints").is_dir() and not (run_dir / "results" / "stale.json").exists()
     # forced: starts over, checkpoints included
-    assert runner.execute_runs(runs, force=True, progress=False)[0]["status"] == "ok"
+    assert batch.execute_runs(runs, force=True, progress=False)[0]["status"] == "ok"
     assert not (run_dir / "checkpoints").exists()
     # the notebook changed since it finished: stale, so rerun
     write_notebook(nb, OK_PARAMS, OK_CELLS + ["print('new cell')"])
-    runs = runner.plan_runs([nb], seeds=[3], runs_dir=tmp_path / "runs")
-    assert runner.execute_runs(runs, progress=False)[0]["status"] == "ok"
+    runs = batch.plan_runs([nb], seeds=[3], runs_dir=tmp_path / "runs")
+    assert batch.execute_runs(runs, progress=False)[0]["status"] == "ok"
     assert result_of(runs[0])["seed"] == 3
 
 
@@ -164,32 +165,33 @@ def test_jobs_run_in_separate_processes_and_the_cli_writes_a_manifest(nbdir, tmp
     rc = main(["run", str(nbdir / "ok.ipynb"), "--seeds", "0", "1", "--jobs", "2", "--runs-dir", str(rd),
                "--no-progress"])
     assert rc == 0
-    manifest = runner.load_manifest(rd / "manifest.json")
+    manifest = batch.load_manifest(rd / "manifest.json")
     assert [r["status"] for r in manifest] == ["ok", "ok"]
-    pids = {json.loads((runner.Path(r["run_dir"]) / "results" / "r.json").read_text())["runner_pid"]
+    pids = {json.loads((batch.Path(r["run_dir"]) / "results" / "r.json").read_text())["runner_pid"]
             for r in manifest}
     assert len(pids) == 2 and os.getpid() not in pids
     assert [r["results_dir"] if False else r["params"]["seed"] for r in manifest] == [0, 1]
     # a dry run only lists the (finished) runs
     assert main(["run", str(nbdir / "ok.ipynb"), "--seeds", "0", "--dry-run", "--runs-dir", str(rd)]) == 0
     assert "ok-default-" in capsys.readouterr().out
-    cmd = runner.papermill_command(manifest[0], repo_root=tmp_path)
-    assert cmd.startswith("papermill notebooks/ok.ipynb runs/ok/") and '"seed": 0' in cmd
+    cmd = batch.papermill_command(manifest[0], repo_root=tmp_path)
+    assert cmd.startswith("OMP_NUM_THREADS=1 ") and " papermill notebooks/ok.ipynb runs/ok/" in cmd
+    assert '"seed": 0' in cmd
 
 
 def test_grid_file_validation(tmp_path):
     grid = tmp_path / "grid.yaml"
     grid.write_text("notebooks: all\nparams: [default, smoke]\nseeds: [0, 1]\n")
-    assert runner.load_grid(grid) == {"notebooks": "all", "params": ["default", "smoke"], "categories": [None],
+    assert batch.load_grid(grid) == {"notebooks": "all", "params": ["default", "smoke"], "categories": [None],
                                       "seeds": [0, 1]}
     grid.write_text("notebook: all\n")
     with pytest.raises(ParameterError, match=r"unknown key\(s\) \['notebook'\]"):
-        runner.load_grid(grid)
+        batch.load_grid(grid)
     grid.write_text("seeds: [zero]\n")
     with pytest.raises(ParameterError, match="seeds must be integers"):
-        runner.load_grid(grid)
+        batch.load_grid(grid)
     with pytest.raises(ValueError, match="not found"):
-        runner.resolve_notebooks(["nope"], tmp_path)
+        batch.resolve_notebooks(["nope"], tmp_path)
 
 
 def test_results_are_collected_from_the_manifest(tmp_path):
@@ -200,9 +202,9 @@ def test_results_are_collected_from_the_manifest(tmp_path):
             {"model": "m", "category": cat, "image_auroc": v, "pixel_auroc": v, "aupro": None}))
     runs = [{"key": "k", "name": "m", "status": "ok", "run_dir": str(run_dir)},
             {"key": "f", "name": "f", "status": "failed", "run_dir": str(tmp_path / "nowhere")}]
-    results = runner.collect_results(runs)
+    results = batch.collect_results(runs)
     assert [r["category"] for r in results] == ["a", "b"] and results[0]["run_key"] == "k"
-    table = runner.results_table(results)
+    table = batch.results_table(results)
     assert table.loc[("m", "mean"), "image_auroc"] == pytest.approx(0.6)
     assert table.loc[("m", "a"), "aupro"] != table.loc[("m", "a"), "aupro"]  # NaN
 
@@ -223,17 +225,17 @@ def test_interrupting_a_batch_keeps_finished_runs(tmp_path):
                              str(rd), "--no-progress"], env={**os.environ, "TEST_SLEEP": "300"},
                             start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    runs = runner.plan_runs([nb], seeds=[0, 1], runs_dir=rd)
+    runs = batch.plan_runs([nb], seeds=[0, 1], runs_dir=rd)
     deadline = time.time() + 120
-    while time.time() < deadline and (runner._status(runs[1]) or {}).get("status") != "running":
+    while time.time() < deadline and (batch._read_status(runs[1]) or {}).get("status") != "running":
         time.sleep(0.3)
     time.sleep(3)  # let the kernel start the sleeping cell
     os.killpg(proc.pid, signal.SIGINT)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 130, out[-2000:]
     assert "finished runs are kept" in out
-    assert runner._status(runs[0])["status"] == "ok" and runner._status(runs[1])["status"] == "interrupted"
-    assert [s["status"] for s in runner.execute_runs(runs, progress=False)] == ["skipped", "ok"]
+    assert batch._read_status(runs[0])["status"] == "ok" and batch._read_status(runs[1])["status"] == "interrupted"
+    assert [s["status"] for s in batch.execute_runs(runs, progress=False)] == ["skipped", "ok"]
 
 
 def test_staging_fits_the_toc_and_repository_links_to_what_the_book_holds(tmp_path):
@@ -241,7 +243,7 @@ def test_staging_fits_the_toc_and_repository_links_to_what_the_book_holds(tmp_pa
         {"caption": "Data", "chapters": [{"file": "chapters/data"}]},
         {"caption": "Papers", "chapters": [{"file": "papers/vt_adl"}, {"file": "papers/aand"}]},
         {"caption": "Appendix", "chapters": [{"file": "chapters/reproducibility"}]}]}
-    staged, dropped = runner._stage_toc(toc, {"intro", "chapters/data", "papers/aand", "papers/new"})
+    staged, dropped = book._stage_toc(toc, {"intro", "chapters/data", "papers/aand", "papers/new"})
     assert dropped == ["papers/vt_adl", "chapters/reproducibility"]
     assert [p["caption"] for p in staged["parts"]] == ["Data", "Papers"]
     assert staged["parts"][1]["chapters"] == [{"file": "papers/aand"}, {"file": "papers/new"}]
@@ -251,7 +253,7 @@ def test_staging_fits_the_toc_and_repository_links_to_what_the_book_holds(tmp_pa
     nb.cells[0].source = "See [the model](../adcore/models/vt_adl.py), [`kernels/x.py`](../../kernels/x.py), " \
                          "[the data](chapters/data) and [web](https://example.org/a)."
     nbformat.write(nb, str(src))
-    runner._stage_notebook(src, tmp_path / "out.ipynb")
+    book._stage_notebook(src, tmp_path / "out.ipynb")
     text = nbformat.read(str(tmp_path / "out.ipynb"), as_version=4).cells[0].source
     assert text == "See the model (`adcore/models/vt_adl.py`), `kernels/x.py`, [the data](chapters/data) and " \
                    "[web](https://example.org/a)."

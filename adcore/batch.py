@@ -1,4 +1,4 @@
-"""Batch reruns of the notebooks with papermill, and the Jupyter Book built from the executed copies.
+"""Batch runs of the notebooks with papermill: plan them, execute them here or on a Dask cluster, collect them.
 
 One run = one notebook executed with one set of parameters (a parameter file, an optional category and seed). Each
 run owns a folder ``<runs_dir>/<notebook>/<key>/`` holding the executed notebook, ``status.json``, the results JSON
@@ -6,14 +6,23 @@ run owns a folder ``<runs_dir>/<notebook>/<key>/`` holding the executed notebook
 The key is ``<notebook>-<params>-<hash>-s<seed>``, the hash covering every injected parameter, so the same request
 always lands in the same folder:
 
-* a run whose ``status.json`` says ``ok`` for the current notebook source is skipped unless ``force``;
+* a run whose ``status.json`` says ``ok`` for the current notebook source and thread count is skipped unless
+  ``force``;
 * a failed run keeps its partial notebook and is reported with the cell that failed; other runs go on;
 * an interrupted run never wrote ``ok``, so the next invocation redoes it (and ``fit`` resumes from its checkpoint),
-  while finished runs are kept.
+  while finished runs are kept;
+* a run executes only under its lock (:mod:`adcore.runlock`): two runners on one runs directory, here or on a
+  cluster, never execute the same key at once; a runner finding a key taken waits for it and then skips it.
+
+Each run gets a fixed number of torch threads (``threads``, default 1), whatever ``jobs`` and the core count are, so
+its numbers do not depend on how many runs go side by side (:mod:`adcore.provenance`).
+
+Where runs execute is an executor: :class:`LocalExecutor` (``jobs`` papermill processes on this machine, the
+default) or ``adcore.batch_dask.DaskExecutor`` (one task per run on a Dask cluster). Both execute the same
+:func:`execute_run` and yield statuses as runs finish; :func:`execute_runs` does the rest.
 
 Every parameter file, category and data root is checked before the first kernel starts (``ParameterError`` /
-``DataError``, both ``ValueError``). ``build_book`` runs the grid, executes the book's own chapters over the runs'
-results, stages everything with the vendored widget JavaScript and calls ``jupyter-book build -W``.
+``DataError``, both ``ValueError``).
 """
 from __future__ import annotations
 
@@ -22,8 +31,10 @@ import datetime as _dt
 import hashlib
 import json
 import os
-import re
+import secrets
+import shlex
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -32,18 +43,17 @@ from pathlib import Path
 
 import yaml
 
+from . import provenance, runlock
 from .notebook import ParameterError, parse_parameters, validate_parameters
 from .utils import atomic_write_json, params_hash
 
-REPO = Path(__file__).resolve().parent.parent
 NOTEBOOKS_DIR = Path("notebooks")
-BOOK_DIR = Path("book")
 DEFAULT_GRID = NOTEBOOKS_DIR / "params" / "grid.yaml"
 GRID_KEYS = {"notebooks", "params", "categories", "seeds"}
 # Parameters the runner fills in itself (when the notebook declares them); a parameter file must not set them.
 RUNNER_PARAMS = ("results_dir",)
 STATUS = "status.json"
-BOOK_CHAPTERS = ("data", "comparison", "kernels", "reproducibility")
+RUNS_MARKER = ".adcore-runs-dir"  # in the runs directory: lets a worker check it sees the same folder as the runner
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -63,6 +73,9 @@ class Run:
     output: str  # executed notebook
     notebook_sha: str = ""
     env: dict = field(default_factory=dict)
+    params_spec: str = "default"  # what `--params` takes to plan this run again (see reproduce_command)
+    threads: int = 1  # torch threads of the run's kernel: part of what decides its numbers
+    gpu: bool = False  # its parameters say device: cuda (a Dask task then asks for a GPU resource)
 
 
 def _sha(path: Path) -> str:
@@ -106,13 +119,22 @@ def resolve_params(notebook: Path, spec) -> tuple[str, dict]:
     """A ``params`` grid entry → ``(name, overrides)``.
 
     ``None``/``"default"`` → the notebook's own defaults; a name → ``notebooks/params/<notebook>/<name>.yaml``;
-    a path ending in ``.yaml``/``.yml`` → that file; a dict → inline overrides.
+    a path ending in ``.yaml``/``.yml`` → that file; a dict, or its YAML/JSON text (``'{"seed": 1}'``) → inline
+    overrides.
     """
     if spec in (None, "default"):
         return "default", {}
     if isinstance(spec, dict):
         return "inline", dict(spec)
     spec = str(spec)
+    if spec.lstrip().startswith("{"):
+        try:
+            inline = yaml.safe_load(spec)
+        except yaml.YAMLError as e:
+            raise ParameterError(f"inline parameters {spec!r} are not valid YAML: {e}") from None
+        if not isinstance(inline, dict):
+            raise ParameterError(f"inline parameters {spec!r} must be a mapping of name: value")
+        return "inline", inline
     if spec.endswith((".yaml", ".yml")):
         path = Path(spec)
     else:
@@ -140,7 +162,7 @@ def _check_data(merged: dict, source: str) -> None:
 
 
 def plan_runs(notebooks, params=("default",), categories=(None,), seeds=(None,), runs_dir="runs",
-              check_data: bool = True) -> list[Run]:
+              check_data: bool = True, threads: int = 1) -> list[Run]:
     """Expand notebooks × parameter files × categories × seeds into runs, validating every one up front.
 
     Args:
@@ -150,11 +172,13 @@ def plan_runs(notebooks, params=("default",), categories=(None,), seeds=(None,),
         seeds: ``None`` (the notebook's seed) or ints.
         runs_dir: root of the run folders.
         check_data: also check datasets, data roots and categories (needs the data on disk).
+        threads: torch threads per run, whatever runs side by side (a notebook's own ``num_threads`` wins).
 
     Raises:
         ParameterError: a bad parameter file, unknown/ill-typed names, or a category the dataset lacks.
         DataError: a dataset or data root that does not exist.
     """
+    provenance.thread_env(threads)  # a bad value fails here, before any run
     runs_dir = Path(runs_dir).resolve()
     runs, keys = [], set()
     checked = set()
@@ -194,9 +218,11 @@ def plan_runs(notebooks, params=("default",), categories=(None,), seeds=(None,),
                     run_dir = runs_dir / nb.stem / key
                     if "results_dir" in defaults:
                         injected["results_dir"] = str(run_dir / "results")
+                    spec_text = json.dumps(spec) if isinstance(spec, dict) else str(spec or "default")
                     runs.append(Run(notebook=str(nb.resolve()), name=nb.stem, params_name=pname, params=injected,
                                     key=key, run_dir=str(run_dir), output=str(run_dir / f"{nb.stem}.ipynb"),
-                                    notebook_sha=_sha(nb)))
+                                    notebook_sha=_sha(nb), params_spec=spec_text, threads=threads,
+                                    gpu=str(merged.get("device", "cpu")).startswith("cuda")))
     return runs
 
 
@@ -218,12 +244,11 @@ def load_grid(path) -> dict:
         raise ParameterError(f"grid file {str(path)!r}: seeds must be integers or null, got {out['seeds']!r}")
     return out
 
-
 # ---------------------------------------------------------------------------------------------------------------------
 # executing
 
 
-def _status(run: Run) -> dict | None:
+def _read_status(run: Run) -> dict | None:
     path = Path(run.run_dir) / STATUS
     if not path.is_file():
         return None
@@ -233,11 +258,32 @@ def _status(run: Run) -> dict | None:
         return None
 
 
+def run_status(run: Run) -> dict | None:
+    """The run's ``status.json``; one left at "running" by a holder that is gone (killed, its machine lost, its lock
+    lease expired) is rewritten as "interrupted" first, under the run's lock."""
+    st = _read_status(run)
+    if not st or st.get("status") != "running":
+        return st
+    found = runlock.read_lock(run.run_dir)
+    if found is not None and runlock.holder_alive(*found):
+        return st
+    with runlock.RunLock(run.run_dir) as lock:
+        if not lock.acquired:  # a new holder took it in the meantime
+            return _read_status(run)
+        st = _read_status(run) or st
+        if st.get("status") == "running":
+            holder = f" ({runlock.describe(found[0])} is gone)" if found else ""
+            st.update(status="interrupted", interrupted=f"its process stopped without finishing{holder}")
+            atomic_write_json(st, Path(run.run_dir) / STATUS)
+    return st
+
+
 def is_done(run: Run) -> bool:
-    """Finished with status ok, for the current notebook source, and its executed notebook is there."""
-    st = _status(run)
+    """Finished with status ok, for the current notebook source and thread count, and its executed notebook is
+    there."""
+    st = _read_status(run)
     return bool(st and st.get("status") == "ok" and st.get("notebook_sha") == run.notebook_sha
-                and Path(run.output).is_file())
+                and st.get("threads") == run.threads and Path(run.output).is_file())
 
 
 def _failed_cell(output: Path) -> dict | None:
@@ -281,41 +327,68 @@ def _reset_run_dir(run: Run, fresh: bool) -> None:
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
 
 
-def execute_run(run: Run, timeout: float | None = None, threads: int | None = None,
-                separate_process: bool = False, force: bool = False) -> dict:
-    """Execute one run with papermill and write its ``status.json``.
+# papermill in a child that dies with the thread that started it (Linux PR_SET_PDEATHSIG), so that a runner or Dask
+# worker killed with SIGKILL leaves no papermill behind; the kernel follows it (ipykernel exits when its parent does).
+_PAPERMILL = ("import ctypes, os, runpy, signal, sys\n"
+              "if sys.platform.startswith('linux'):\n"
+              "    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)\n"
+              "    if os.getppid() != int(os.environ['ADCORE_RUNNER_PID']): sys.exit('the runner is gone')\n"
+              "sys.argv[0] = 'papermill'; runpy.run_module('papermill', run_name='__main__')")
+
+
+def execute_run(run: Run, timeout: float | None = None, separate_process: bool = False, force: bool = False) -> dict:
+    """Execute one run with papermill under its lock and write its ``status.json``.
 
     A failing notebook does not raise: the status says which cell failed and what it raised (read back from the
     partial notebook, or from papermill's last message when the kernel died or timed out).
 
+    Returns:
+        The status dict: ``ok``, ``failed``, ``skipped`` (another runner finished it meanwhile) or ``busy`` (another
+        live runner holds its lock; nothing was touched).
+
     Args:
-        separate_process: run the papermill command line in a child process (what ``jobs > 1`` uses) instead of
-            papermill's Python API in this process (cheaper: papermill is imported once). The kernel is always a
+        separate_process: run the papermill command line in a child process (what ``jobs > 1`` and Dask use) instead
+            of papermill's Python API in this process (cheaper: papermill is imported once). The kernel is always a
             process of its own.
         force: start over even if an interrupted attempt left checkpoints.
     """
     run_dir = Path(run.run_dir)
-    previous = _status(run)
+    lock = runlock.RunLock(run_dir)
+    if not lock.acquire():
+        return {**asdict(run), "status": "busy", "holder": runlock.describe(lock.holder)}
+    try:
+        if not force and is_done(run):  # finished by another runner while this one waited
+            return {**_read_status(run), "status": "skipped"}
+        return _execute_locked(run, timeout, separate_process, force)
+    finally:
+        lock.release()
+
+
+def _execute_locked(run: Run, timeout, separate_process: bool, force: bool) -> dict:
+    run_dir = Path(run.run_dir)
+    previous = _read_status(run)
     # an interrupted or failed attempt of the same notebook resumes from its checkpoints; anything else starts over
-    _reset_run_dir(run, fresh=force or previous is None or previous.get("notebook_sha") != run.notebook_sha)
+    fresh = (force or previous is None or previous.get("notebook_sha") != run.notebook_sha
+             or previous.get("threads") != run.threads)
+    _reset_run_dir(run, fresh=fresh)
     run_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
     status = {**asdict(run), "status": "running", "started": _dt.datetime.now(_dt.timezone.utc).isoformat(),
-              "python": sys.executable}
+              "python": sys.executable, "host": socket.gethostname(), "pid": os.getpid(),
+              "resumed_from": sorted(str(p.relative_to(run_dir)) for p in run_dir.glob("checkpoints/**/*.pt"))}
     atomic_write_json(status, run_dir / STATUS)
     # The viewer pre-renders its frames (the static book has no kernel) and saves its arrays for the comparison.
     env = {"ADCORE_VIEWER": "static", "ADCORE_ARRAYS_DIR": str(run_dir),
-           "MPLBACKEND": "module://matplotlib_inline.backend_inline", **run.env}
-    if threads:
-        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+           "MPLBACKEND": "module://matplotlib_inline.backend_inline", **provenance.thread_env(run.threads), **run.env}
     try:
         if separate_process:
-            cmd = [sys.executable, "-m", "papermill", run.notebook, run.output, "-k", "python3", "--cwd",
+            cmd = [sys.executable, "-c", _PAPERMILL, run.notebook, run.output, "-k", "python3", "--cwd",
                    str(run_dir), "--no-progress-bar", "-y", json.dumps(run.params)]
             if timeout:
                 cmd += ["--execution-timeout", str(int(timeout))]
             with open(run_dir / "papermill.log", "w") as log:
-                proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env})
+                proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                      env={**os.environ, **env, "ADCORE_RUNNER_PID": str(os.getpid())})
             lines = (run_dir / "papermill.log").read_text().strip().splitlines()
             failure = None if proc.returncode == 0 else f"papermill exited {proc.returncode}: {(lines or [''])[-1]}"
         else:
@@ -344,52 +417,115 @@ def execute_run(run: Run, timeout: float | None = None, threads: int | None = No
     return status
 
 
-def execute_runs(runs: list[Run], *, jobs: int = 1, force: bool = False, timeout: float | None = None,
-                 progress: bool = True, log=print) -> list[dict]:
-    """Execute ``runs`` (skipping finished ones unless ``force``), each in its own process, ``jobs`` at a time.
+def mark_runs_dir(runs_dir) -> str:
+    """Create the runs directory and its marker (a random id, kept once written); return the id."""
+    runs_dir = Path(runs_dir)
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    marker = runs_dir / RUNS_MARKER
+    try:
+        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(8))
+    except FileExistsError:
+        pass
+    for _ in range(50):  # a concurrent runner may be writing it
+        text = marker.read_text().strip()
+        if text:
+            return text
+        time.sleep(0.1)
+    raise RuntimeError(f"the runs directory marker {str(marker)!r} stays empty")
 
-    Returns one status dict per run, in order: ``status`` is ``ok``, ``skipped`` (finished earlier) or ``failed``.
-    A ``KeyboardInterrupt`` reaches the papermill processes too; finished runs keep their ``ok`` status.
+
+def check_runs_dir(runs_dir, marker: str, notebooks=()) -> str | None:
+    """None if this process sees the runner's runs directory (same marker) and notebooks, else what is wrong."""
+    where = f"{socket.gethostname()} (pid {os.getpid()})"
+    path = Path(runs_dir) / RUNS_MARKER
+    try:
+        seen = path.read_text().strip()
+    except OSError:
+        seen = None
+    if seen != marker:
+        what = "does not exist" if seen is None else "is another folder of the same name"
+        return (f"{where}: the runs directory {str(runs_dir)!r} {what} here; runs, results and checkpoints must "
+                "live on a filesystem every worker sees (pass --runs-dir on shared storage)")
+    missing = [nb for nb in notebooks if not Path(nb).is_file()]
+    if missing:
+        return f"{where}: cannot see the notebook(s) {missing}; start the workers from the same checkout"
+    return None
+
+
+class LocalExecutor:
+    """Runs on this machine, ``jobs`` at a time: in this process when ``jobs == 1`` (so that Ctrl-C stops the run at
+    once), else each in a papermill process of its own, started by a waiting thread."""
+
+    def __init__(self, jobs: int = 1):
+        if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+            raise ValueError(f"jobs must be a positive int, got {jobs!r}")
+        self.jobs = jobs
+
+    def describe(self) -> str:
+        return f"{self.jobs} local process(es)"
+
+    def map(self, runs: list[Run], *, timeout=None, force=False, log=print):
+        """Yield ``(index into runs, status)`` as each run finishes."""
+        from concurrent.futures import ThreadPoolExecutor, as_completed
+
+        if self.jobs == 1:
+            for i, run in enumerate(runs):
+                yield i, execute_run(run, timeout, False, force)
+            return
+        pool = ThreadPoolExecutor(max_workers=self.jobs)
+        try:
+            futures = {pool.submit(execute_run, run, timeout, True, force): i for i, run in enumerate(runs)}
+            for fut in as_completed(futures):
+                yield futures[fut], fut.result()
+        finally:
+            # on Ctrl-C the papermill children got the signal too; start nothing new
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+def execute_runs(runs: list[Run], *, jobs: int = 1, executor=None, force: bool = False,
+                 timeout: float | None = None, progress: bool = True, log=print, poll: float = 2.0) -> list[dict]:
+    """Execute ``runs`` (skipping finished ones unless ``force``) with ``executor`` (default: ``jobs`` local
+    processes).
+
+    Returns one status dict per run, in order: ``status`` is ``ok``, ``skipped`` (finished earlier, or by another
+    runner meanwhile) or ``failed``. A run another runner holds is waited for (polled every ``poll`` seconds). A
+    ``KeyboardInterrupt`` reaches the papermill processes too; finished runs keep their ``ok`` status.
     """
-    from concurrent.futures import ThreadPoolExecutor, as_completed
-
     from tqdm.auto import tqdm
 
-    if jobs < 1:
-        raise ValueError(f"jobs must be >= 1, got {jobs}")
+    executor = executor or LocalExecutor(jobs)
     results: dict[int, dict] = {}
     todo = []
     for i, run in enumerate(runs):
+        run_status(run)  # a run left "running" by a killed runner now reads "interrupted"
         if not force and is_done(run):
-            results[i] = {**_status(run), "status": "skipped"}
+            results[i] = {**_read_status(run), "status": "skipped"}
         else:
             todo.append(i)
-    # side by side, the runs share the cores instead of each starting one thread per core
-    threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
     bar = tqdm(total=len(runs), desc="runs", unit="run", disable=not progress, initial=len(runs) - len(todo))
-
-    def done(i, st):
-        results[i] = st
-        bar.update(1)
-        bar.set_postfix({s: sum(r["status"] == s for r in results.values()) for s in ("ok", "failed", "skipped")})
-        if st["status"] == "failed":
-            log(f"\n  FAILED {runs[i].key}: {_describe_error(st)}")
-
+    told = set()
     try:
-        if jobs == 1:
-            for i in todo:  # in this thread, so that Ctrl-C stops the run at once
-                bar.set_description(f"runs ({runs[i].key})")
-                done(i, execute_run(runs[i], timeout, force=force))
-        else:
-            # the threads only wait: each run is a papermill process (and a kernel process) of its own
-            pool = ThreadPoolExecutor(max_workers=jobs)
-            try:
-                futures = {pool.submit(execute_run, runs[i], timeout, threads, True, force): i for i in todo}
-                for fut in as_completed(futures):
-                    done(futures[fut], fut.result())
-            finally:
-                # on Ctrl-C the papermill children got the signal too; start nothing new
-                pool.shutdown(wait=True, cancel_futures=True)
+        while todo:
+            busy = []
+            for j, st in executor.map([runs[i] for i in todo], timeout=timeout, force=force, log=log):
+                i = todo[j]
+                if st["status"] == "busy":
+                    busy.append(i)
+                    if i not in told:
+                        log(f"\n  {runs[i].key} is being run by {st['holder']}; waiting for it")
+                        told.add(i)
+                    continue
+                results[i] = st
+                bar.update(1)
+                bar.set_postfix({s: sum(r["status"] == s for r in results.values())
+                                 for s in ("ok", "failed", "skipped")})
+                if st["status"] == "failed":
+                    log(f"\n  FAILED {runs[i].key}: {_describe_error(st)}")
+            todo = sorted(busy)
+            if todo:
+                time.sleep(poll)
     finally:
         bar.close()
     return [results[i] for i in sorted(results)]
@@ -420,8 +556,8 @@ def summarize(statuses: list[dict], log=print) -> bool:
 
 def write_manifest(statuses: list[dict], path) -> Path:
     """The list of runs (key, notebook, parameters, status, folders) the book's chapters read."""
-    keep = ("key", "name", "notebook", "params_name", "params", "status", "run_dir", "output", "seconds",
-            "notebook_sha", "error")
+    keep = ("key", "name", "notebook", "params_name", "params_spec", "params", "threads", "gpu", "status", "run_dir",
+            "output", "seconds", "notebook_sha", "error")
     rows = [{k: s.get(k) for k in keep} for s in statuses]
     return atomic_write_json({"created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                               "argv": sys.argv, "runs": rows}, path)
@@ -491,264 +627,38 @@ def results_table(results: list[dict], metrics=("image_auroc", "pixel_auroc", "a
     return pd.concat([df, means]).set_index(["method", "category"])
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# the book
+def _rel(p, repo_root=None) -> str:
+    root = Path(repo_root or Path.cwd()).resolve()
+    p = Path(p)
+    return str(p.relative_to(root)) if p.is_relative_to(root) else str(p)
 
 
-def fetch_widget_js(dest, script=None) -> Path:
-    """Vendor the ipywidgets HTML manager, RequireJS and MathJax from npm (``book/fetch_widget_js.sh``) unless
-    already there."""
-    dest = Path(dest)
-    if all((dest / f).is_file() for f in ("require.js", "html-manager/embed-amd.js", "mathjax/tex-mml-chtml.js")):
-        return dest
-    script = Path(script or REPO / BOOK_DIR / "fetch_widget_js.sh")
-    proc = subprocess.run(["bash", str(script), str(dest)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"could not vendor the widget JavaScript with {script}: {proc.stderr.strip()}\n"
-                           "The book's viewers need it to work offline; run the script where npm can reach "
-                           "registry.npmjs.org.")
-    return dest
-
-
-def _place_widget_fonts(html_dir: Path, manager_dir: Path) -> None:
-    """Copy the widget manager's icon fonts where its CSS looks for them.
-
-    embed-amd.js has an empty webpack public path, so its CSS asks for ``@jupyter-widgets/html-manager/dist/<font>``
-    relative to each page; without the copies an offline reader's console shows failed loads (the viewer uses no
-    icons, so nothing visible depends on them).
-    """
-    fonts = [p for p in manager_dir.iterdir() if p.suffix in (".woff2", ".woff", ".ttf", ".eot", ".svg")]
-    for page_dir in {p.parent for p in html_dir.rglob("*.html") if "widget-state+json" in p.read_text()}:
-        dest = page_dir / "@jupyter-widgets" / "html-manager" / "dist"
-        dest.mkdir(parents=True, exist_ok=True)
-        for f in fonts:
-            shutil.copy2(f, dest / f.name)
-
-
-# [text](../adcore/models/vt_adl.py): a link from a notebook to a repository file, which the book cannot serve
-_REPO_LINK = re.compile(r"\[([^\]]+)\]\(((?:\.\./)+)([^)\s]+)\)")
-
-
-def _stage_notebook(src: Path, dest: Path) -> None:
-    """Copy an executed notebook into the book, turning links to repository files (``../adcore/x.py``), which point
-    outside the book and would fail the build as missing targets, into the file's path in code type."""
-    import nbformat
-
-    nb = nbformat.read(str(src), as_version=4)
-    for cell in nb.cells:
-        if cell.cell_type == "markdown":
-            cell.source = _REPO_LINK.sub(lambda m: f"{m.group(1)} (`{m.group(3)}`)"
-                                         if m.group(1).strip("`") != m.group(3) else f"`{m.group(3)}`", cell.source)
-    nbformat.write(nb, str(dest))
-
-
-def _stage_toc(toc: dict, available: set[str]) -> tuple[dict, list[str]]:
-    """Fit the TOC to what was produced: drop entries without an executed notebook (a paper notebook not written
-    yet) and add produced ``papers/<name>`` pages the TOC does not list after its last paper. Returns the TOC and the
-    dropped entries."""
-    dropped, listed = [], set()
-
-    def keep(entries):
-        out = []
-        for e in entries:
-            if "file" in e:
-                listed.add(e["file"])
-                if e["file"] not in available:
-                    dropped.append(e["file"])
-                    continue
-            if "sections" in e:
-                e = {**e, "sections": keep(e["sections"])}
-            out.append(e)
-        return out
-
-    toc = dict(toc)
-    parts = toc.get("parts") or [{"chapters": toc.get("chapters", [])}]
-    parts = [{**p, "chapters": keep(p.get("chapters", []))} for p in parts]
-    extra = [{"file": f} for f in sorted(available - listed) if f.startswith("papers/")]
-    if extra:
-        home = next((p for p in parts if any(c.get("file", "").startswith("papers/") for c in p["chapters"])), None)
-        if home is None:
-            home = {"caption": "The papers", "chapters": []}
-            parts.insert(min(1, len(parts)), home)
-        home["chapters"].extend(extra)
-    parts = [p for p in parts if p["chapters"]]
-    if "parts" in toc:
-        toc["parts"] = parts
+def reproduce_command(run: dict, repo_root=None, runs_dir="runs-reproduced") -> str:
+    """The ``python -m adcore run`` command that reruns one run of a manifest and gives the same digits in every
+    results file (all but :data:`adcore.provenance.TIMING_FIELDS`), at any ``--jobs`` and on any core count, with
+    the same library versions and device. It plans the same run key, in ``runs_dir`` so that it does not find the
+    original finished."""
+    injected = {k: v for k, v in run["params"].items() if k != "results_dir"}
+    spec = run.get("params_spec") or "default"
+    args = ["python", "-m", "adcore", "run", _rel(run["notebook"], repo_root)]
+    cats = injected.get("categories")
+    if cats is not None and len(cats) != 1:
+        # several categories in one run: a grid's list entry, which the flags cannot say; the same parameters inline
+        args += ["--params", json.dumps(injected)]
     else:
-        toc["chapters"] = parts[0]["chapters"] if parts else []
-    return toc, dropped
-
-
-def build_book(*, grid=None, smoke: bool = False, notebooks=None, jobs: int = 1, force: bool = False,
-               runs_dir="runs", book_dir=BOOK_DIR, out_dir=None, timeout: float | None = None, run: bool = True,
-               build: bool = True, chapters=BOOK_CHAPTERS, progress: bool = True, log=print) -> dict:
-    """Run the grid, execute the book's chapters over its results, and build the HTML with Jupyter Book.
-
-    Args:
-        grid: grid file (default ``notebooks/params/grid.yaml``, else every notebook with its defaults).
-        smoke: every notebook with its ``smoke`` parameter file instead (the CI-sized book).
-        notebooks: restrict to these notebooks.
-        runs_dir: where runs live (finished ones are reused).
-        book_dir: the book's sources (``_config.yml``, ``_toc.yml``, ``intro.md``, ``chapters/*.ipynb``).
-        out_dir: where ``_build/src`` (staged sources) and ``_build/html`` go; default ``book_dir``.
-        run: execute the paper notebooks (False: only reuse finished runs).
-        build: call ``jupyter-book build``.
-        chapters: which of the book's own chapters to include (a smaller book for tests).
-
-    Returns:
-        dict(html=index.html path, statuses=[...], failed=[...], seconds=...).
-    """
-    t0 = time.time()
-    book_dir = Path(book_dir)
-    out_dir = Path(out_dir or book_dir)
-    stage = out_dir / "_build" / "src"
-    nb_dir = Path(notebooks[0]).parent if notebooks and str(notebooks[0]).endswith(".ipynb") else NOTEBOOKS_DIR
-    if smoke:
-        spec = {"notebooks": notebooks or "all", "params": ["smoke"], "categories": [None], "seeds": [None]}
-    elif grid is not None or DEFAULT_GRID.is_file():
-        spec = load_grid(grid or DEFAULT_GRID)
-        if notebooks:
-            spec["notebooks"] = notebooks
-    else:
-        spec = {"notebooks": notebooks or "all", "params": ["default"], "categories": [None], "seeds": [None]}
-    nbs = resolve_notebooks(spec["notebooks"], nb_dir)
-    runs = plan_runs(nbs, spec["params"], spec["categories"], spec["seeds"], runs_dir=runs_dir)
-    unknown = [c for c in chapters if c not in BOOK_CHAPTERS]
-    if unknown:
-        raise ValueError(f"unknown chapter(s) {unknown}; the book's chapters are {list(BOOK_CHAPTERS)}")
-    chapter_src = {c: book_dir / "chapters" / f"{c}.ipynb" for c in chapters}
-    chapter_src = {c: p for c, p in chapter_src.items() if p.is_file()}
-    for c, p in chapter_src.items():
-        parse_parameters(p)  # a chapter without a parameters cell fails here, before any run
-    for name in ("_config.yml", "_toc.yml"):
-        if not (book_dir / name).is_file():
-            raise ValueError(f"book sources {str(book_dir)!r} lack {name}")
-    if build:
-        fetch_widget_js(book_dir / "_static" / "vendor")  # needs npm: fail before the runs, not after
-    log(f"{len(runs)} notebook run(s) planned: {', '.join(r.key for r in runs)}")
-
-    if run:
-        statuses = execute_runs(runs, jobs=jobs, force=force, timeout=timeout, progress=progress, log=log)
-    else:
-        # rebuild from what finished, even where the notebook has changed since (said so, not hidden)
-        statuses = []
-        for r in runs:
-            st = _status(r) or asdict(r)
-            ok = st.get("status") == "ok" and Path(r.output).is_file()
-            if ok and not is_done(r):
-                log(f"  {r.key}: the notebook changed since this run finished; using the older run (--no-run)")
-            statuses.append({**st, "status": "skipped" if ok else "missing"})
-        missing = [s["key"] for s in statuses if s["status"] == "missing"]
-        if missing:
-            raise RuntimeError(f"--no-run, but these runs have not finished: {missing}")
-
-    # stage the sources: config, intro, vendored JS, the first run of each notebook, then the chapters
-    if stage.exists():
-        shutil.rmtree(stage)
-    stage.mkdir(parents=True)
-    for name in ("_config.yml", "intro.md", "references.bib", "logo.png"):
-        if (book_dir / name).is_file():
-            shutil.copy2(book_dir / name, stage / name)
-    if (book_dir / "_static").is_dir() and any(p.name != "vendor" for p in (book_dir / "_static").iterdir()):
-        shutil.copytree(book_dir / "_static", stage / "_static", ignore=shutil.ignore_patterns("vendor"))
-    # Through html_extra_path (see _config.yml), not html_static_path: Jupyter Book adds every .js file found in the
-    # static paths to every page, which would load the widget manager twice (three viewers on screen) and on pages
-    # without widgets. myst-nb's nb_ipywidgets_js adds it where a page has widgets.
-    if (book_dir / "_static" / "vendor").is_dir():
-        shutil.copytree(book_dir / "_static" / "vendor", stage / "_vendor" / "_static" / "vendor-js")
-    (stage / "papers").mkdir()
-    produced = {"intro"}
-    seen = set()
-    for st in statuses:
-        if st["name"] in seen or not Path(st["output"]).is_file():
-            continue
-        seen.add(st["name"])
-        _stage_notebook(Path(st["output"]), stage / "papers" / f"{st['name']}.ipynb")
-        produced.add(f"papers/{st['name']}")
-    manifest = write_manifest(statuses, stage / "runs.json")
-
-    (stage / "chapters").mkdir()
-    chapter_runs = []
-    for c, p in chapter_src.items():
-        defaults = parse_parameters(p)
-        injected = {k: v for k, v in {"manifest": str(manifest.resolve()), "repo_root": str(REPO)}.items()
-                    if k in defaults}
-        chapter_runs.append(Run(notebook=str(p.resolve()), name=c, params_name="chapter", params=injected,
-                                key=f"chapter-{c}", run_dir=str((out_dir / "_build" / "chapter-runs" / c).resolve()),
-                                output=str((stage / "chapters" / f"{c}.ipynb").resolve()), notebook_sha=_sha(p)))
-    chapter_statuses = execute_runs(chapter_runs, jobs=1, force=True, timeout=timeout, progress=progress, log=log)
-    for c, st in zip(chapter_src, chapter_statuses):
-        if Path(st["output"]).is_file():
-            produced.add(f"chapters/{c}")
-
-    toc, dropped = _stage_toc(yaml.safe_load((book_dir / "_toc.yml").read_text()), produced)
-    if dropped:
-        log(f"not in this book (no executed notebook): {', '.join(dropped)}")
-        # links to the left-out pages become plain text (a missing target is a warning, and warnings fail the build)
-        for md_file in stage.glob("*.md"):
-            text = re.sub(r"\[([^\]]+)\]\(((?:chapters|papers)/\w+)\)",
-                          lambda m: m.group(0) if m.group(2) in produced else m.group(1), md_file.read_text())
-            md_file.write_text(text)
-    (stage / "_toc.yml").write_text(yaml.safe_dump(toc, sort_keys=False))
-
-    html = None
-    if build:
-        cmd = [sys.executable, "-c", "import sys; from jupyter_book.cli.main import main; sys.exit(main())", "build",
-               str(stage), "--path-output", str(out_dir), "-W", "-n", "--keep-going"]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            lines = (proc.stdout + proc.stderr).splitlines()
-            problems = [ln for ln in lines if "WARNING" in ln or "ERROR" in ln or "Error" in ln] or lines[-30:]
-            raise RuntimeError(f"jupyter-book build failed (exit {proc.returncode}), warnings are errors:\n"
-                               + "\n".join(problems[:40]))
-        html = (out_dir / "_build" / "html" / "index.html").resolve()
-        _place_widget_fonts(html.parent, stage / "_vendor" / "_static" / "vendor-js" / "html-manager")
-    all_statuses = statuses + chapter_statuses
-    failed = [s for s in all_statuses if s["status"] == "failed"]
-    return {"html": html, "statuses": all_statuses, "failed": failed, "seconds": round(time.time() - t0, 1),
-            "stage": stage}
-
-
-def environment_info(repo_root=".") -> dict:
-    """Versions, hardware and the git commit, for the reproducibility appendix."""
-    import importlib.metadata as md
-    import platform
-
-    info = {"python": platform.python_version(), "platform": platform.platform(), "CPU cores": os.cpu_count()}
-    try:
-        import torch
-
-        info["GPU"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none (CPU only)"
-    except ImportError:
-        info["GPU"] = "unknown (torch not importable)"
-    for pkg in ("adcore", "torch", "torchvision", "triton", "timm", "numpy", "scipy", "scikit-learn", "scikit-image",
-                "pandas", "matplotlib", "papermill", "jupyter-book", "myst-nb", "ipywidgets"):
-        try:
-            info[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            info[pkg] = "not installed"
-    git = ["git", "-C", str(repo_root)]
-    head = subprocess.run(git + ["rev-parse", "--short=12", "HEAD"], capture_output=True, text=True)
-    info["git commit"] = head.stdout.strip() if head.returncode == 0 else "none (no commit yet)"
-    dirty = subprocess.run(git + ["status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
-    if head.returncode == 0 and dirty.returncode == 0:
-        info["git commit"] += " (with uncommitted changes)" if dirty.stdout.strip() else ""
-    versions = Path(repo_root) / BOOK_DIR / "_static" / "vendor" / "VERSIONS"
-    if versions.is_file():
-        info["widget JavaScript"] = ", ".join(versions.read_text().split("\n")).strip(", ")
-    return info
+        args += ["--params", spec] if spec != "default" else []
+        args += ["--categories", cats[0]] if cats is not None else []
+        args += ["--seeds", str(injected["seed"])] if "seed" in injected else []
+    args += ["--threads", str(run.get("threads") or 1), "--runs-dir", runs_dir]
+    return shlex.join(args)
 
 
 def papermill_command(run: dict, repo_root=None) -> str:
-    """The plain papermill command equivalent to one run of a manifest (``results_dir`` left to the notebook)."""
-    root = Path(repo_root or Path.cwd()).resolve()
-
-    def rel(p):
-        p = Path(p)
-        return str(p.relative_to(root)) if p.is_relative_to(root) else str(p)
-
+    """The plain papermill command equivalent to one run of a manifest (``results_dir`` left to the notebook), with
+    the run's thread count in the environment."""
     values = {k: v for k, v in run["params"].items() if k != "results_dir"}
-    cmd = f"papermill {rel(run['notebook'])} {rel(run['output'])} -k python3"
+    threads = " ".join(f"{k}={v}" for k, v in provenance.thread_env(run.get("threads") or 1).items())
+    cmd = f"{threads} papermill {_rel(run['notebook'], repo_root)} {_rel(run['output'], repo_root)} -k python3"
     if values:
         cmd += " -y '" + json.dumps(values) + "'"  # JSON is YAML, and keeps lists and None intact
     return cmd
