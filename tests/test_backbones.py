@@ -1,5 +1,8 @@
-"""The offline backbones: real EfficientNet-Lite0 weights, the WideResNet-50-2 file lookup, freezing, bad input."""
+"""The backbones: real EfficientNet-Lite0 weights, WideResNet-50-2 through torchvision's weights API (file, torch hub
+cache, download, clear error offline), freezing, the loud random-init switch, bad input."""
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,8 +11,11 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
+import adcore.backbones as backbones
 from adcore.backbones import (IMAGENET_MEAN, IMAGENET_STD, BackboneWeightsMissing, _map_efficientnet_lite0,
                               create_backbone, create_classifier)
+
+WRN50_V1 = "wide_resnet50_2-95faca4d.pth"  # torchvision's Wide_ResNet50_2_Weights.IMAGENET1K_V1, as RD4AD loads it
 
 CAT_CLASSES = set(range(281, 286))  # tabby, tiger cat, Persian, Siamese, Egyptian cat
 COFFEE_CLASSES = {967, 968, 504}  # espresso, cup, coffee mug
@@ -111,26 +117,70 @@ def test_wide_resnet50_2_loads_from_weights_path(wrn_file):
         torch.testing.assert_close(got, want)
 
 
-def test_wide_resnet50_2_is_found_in_the_torch_hub_cache(wrn_file, tmp_path, monkeypatch):
+@pytest.fixture
+def offline(monkeypatch):
+    """No network: torchvision's download fails as it does offline (URLError is an OSError); counts the attempts."""
+    from urllib.error import URLError
+
+    attempts = []
+
+    def fail():
+        attempts.append(1)
+        raise URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(backbones, "_download_wide_resnet50_2", fail)
+    return attempts
+
+
+def test_wide_resnet50_2_cache_file_is_torchvisions():
+    from torchvision.models import Wide_ResNet50_2_Weights
+
+    assert backbones.wide_resnet50_2_cache_file().name == Path(Wide_ResNet50_2_Weights.IMAGENET1K_V1.url).name
+    assert backbones.wide_resnet50_2_cache_file().name == WRN50_V1
+
+
+def test_wide_resnet50_2_is_found_in_the_torch_hub_cache(wrn_file, tmp_path, monkeypatch, offline):
+    # A temporary TORCH_HOME holding the file where torchvision's weights API caches it: no download is tried.
     path, model = wrn_file
-    (tmp_path / "checkpoints").mkdir()
-    (tmp_path / "checkpoints" / path.name).symlink_to(path)
-    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "hub" / "checkpoints" / WRN50_V1).symlink_to(path)
     backbone = create_backbone("wide_resnet50_2", out_indices=(1, 2))
-    assert backbone.weights_path == str(tmp_path / "checkpoints" / path.name)
+    assert backbone.weights_path == str(tmp_path / "hub" / "checkpoints" / WRN50_V1)
     assert backbone.channels == [512, 1024] and backbone.strides == [8, 16]
     torch.testing.assert_close(backbone.body.stem[1].running_var, model.bn1.running_var, rtol=0, atol=0)
+    assert not offline
 
 
-def test_missing_wide_resnet50_2_weights_say_where_to_put_them(tmp_path, monkeypatch):
-    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+def test_wide_resnet50_2_is_downloaded_when_online_and_not_cached(wrn_file, tmp_path, monkeypatch):
+    # Online: torchvision's weights API is asked for the state dict (it downloads into the torch hub cache).
+    path, model = wrn_file
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    calls = []
+    monkeypatch.setattr(backbones, "_download_wide_resnet50_2",
+                        lambda: calls.append(1) or torch.load(path, weights_only=True))
+    backbone = create_backbone("wide_resnet50_2")
+    assert calls == [1] and backbone.pretrained
+    assert backbone.weights_path == str(tmp_path / "hub" / "checkpoints" / WRN50_V1)
+    torch.testing.assert_close(backbone.body.stem[0].weight, model.conv1.weight, rtol=0, atol=0)
+
+
+def test_missing_wide_resnet50_2_weights_say_where_to_put_them(tmp_path, monkeypatch, offline):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     with pytest.raises(BackboneWeightsMissing) as err:
         create_backbone("wide_resnet50_2")
-    assert isinstance(err.value, FileNotFoundError)
+    assert isinstance(err.value, FileNotFoundError) and offline == [1]
     message = str(err.value)
-    assert str(tmp_path / "checkpoints") in message and "weights_path" in message and "never downloads" in message
+    assert str(tmp_path / "hub" / "checkpoints" / WRN50_V1) in message  # where it looked
+    assert "weights_path" in message and "download" in message and "TORCH_HOME" in message
     with pytest.raises(BackboneWeightsMissing, match="does not exist"):
         create_backbone("wide_resnet50_2", weights_path=tmp_path / "nope.pth")
+    assert offline == [1]  # a missing explicit file is an error at once, never a download
+
+
+def test_random_initialisation_is_loud():
+    with pytest.warns(UserWarning, match="RANDOMLY INITIALISED"):
+        create_backbone("wide_resnet50_2", pretrained=False)
 
 
 def test_a_file_that_is_not_a_wide_resnet50_2_state_dict_is_a_clear_error(tmp_path):

@@ -54,6 +54,78 @@ def test_core_rejects_bad_widths():
         rd.ReverseDistillation(pretrained=False, ocbe_blocks=0)
     with pytest.raises(ValueError, match="decoder_ratio"):
         rd.ReverseDistillation(pretrained=False, decoder_ratio=-1)
+    with pytest.raises(ValueError, match="ocbe_ratio"):
+        rd.ReverseDistillation(pretrained=False, ocbe_ratio=0)
+    for bad in [(3, 4), (3, 0, 6), 0, True]:
+        with pytest.raises(ValueError, match="decoder_blocks"):
+            rd.ReverseDistillation(pretrained=False, decoder_blocks=bad)
+    with pytest.raises(ValueError, match="ocbe_width"):
+        rd.ReverseDistillation(pretrained=False, ocbe_width=0)
+
+
+def test_decoder_blocks_per_level_deepest_first():
+    model = rd.ReverseDistillation(pretrained=False, decoder_blocks=(1, 2, 3))
+    assert [len(stage) for stage in model.decoder.stages] == [1, 2, 3]
+    assert model.decoder.stages[0][0].body[-1].num_features == model.channels[-1]  # the deepest level first
+    x = torch.rand(2, 3, SIZE, SIZE)
+    features = model.encode(x)
+    assert [s.shape for s in model.student(features)] == [f.shape for f in features]
+
+
+def _rd4ad_bottleneck(inplanes: int, planes: int, shortcut_kernel: int = 0, spatial_kernel: int = 3) -> int:
+    """Parameters of one of RD4AD's (Attn/De)Bottleneck blocks with width_per_group = 128, written from its
+    definition (hq-deng/RD4AD models/resnet.py, de_resnet.py), not from our modules: inner width = planes·128/64,
+    output = planes·4; 1×1 → k×k → 1×1 convs without bias, a BatchNorm (weight + bias) after each; an optional
+    shortcut conv (k×k, no bias) + BatchNorm. The spatial conv is 3×3, or the decoder's 2×2 transposed conv."""
+    width, out = planes * 2, planes * 4
+    convs = inplanes * width + spatial_kernel ** 2 * width * width + width * out
+    norms = 2 * (width + width + out)
+    shortcut = (shortcut_kernel ** 2 * inplanes * out + 2 * out) if shortcut_kernel else 0
+    return convs + norms + shortcut
+
+
+def rd4ad_wide_resnet50_2_student() -> tuple[int, int]:
+    """(OCBE, decoder) parameter counts of RD4AD's BN_layer(AttnBottleneck, 3) and de_wide_resnet50_2.
+
+    OCBE: conv1 3×3 256→512 s2 + bn1, conv2 3×3 512→1024 s2 + bn2 (level 1), conv3 3×3 512→1024 s2 + bn3 (level 2);
+    bn_layer = _make_layer(AttnBottleneck, planes 512, 3 blocks, stride 2) on the 3·1024 concatenation, the first
+    block with a 1×1 stride-2 shortcut 3072→2048. (BN_layer also declares conv4 1×1 4096→2048 + bn4, 8,392,704
+    parameters that forward never calls; they are not part of the architecture and are not counted.)
+    Decoder: inplanes 2048; _make_layer(planes 256, 3 blocks), (128, 4), (64, 6), each with stride 2, whose first
+    block has a 2×2 transposed conv and a 2×2 stride-2 transposed shortcut + BatchNorm.
+    """
+    conv_bn = lambda cin, cout: 9 * cin * cout + 2 * cout  # noqa: E731
+    ocbe = conv_bn(256, 512) + conv_bn(512, 1024) + conv_bn(512, 1024)
+    ocbe += _rd4ad_bottleneck(3 * 1024, 512, shortcut_kernel=1) + 2 * _rd4ad_bottleneck(2048, 512)
+    decoder, inplanes = 0, 2048
+    for planes, blocks in [(256, 3), (128, 4), (64, 6)]:
+        decoder += _rd4ad_bottleneck(inplanes, planes, shortcut_kernel=2, spatial_kernel=2)
+        inplanes = planes * 4
+        decoder += (blocks - 1) * _rd4ad_bottleneck(inplanes, planes)
+    return ocbe, decoder
+
+
+WRN_STUDENT = dict(backbone="wide_resnet50_2", pretrained=False, bottleneck_dim=2048, ocbe_blocks=3, ocbe_ratio=0.5,
+                   decoder_blocks=(3, 4, 6), decoder_ratio=0.5)
+
+
+def test_rd4ad_student_count_from_its_definition():
+    # The formula alone, so that the number quoted in the docs is pinned: 58,885,120 + 24,917,504 = 83,802,624.
+    assert rd4ad_wide_resnet50_2_student() == (58_885_120, 24_917_504)
+
+
+@pytest.mark.parametrize("name", ["aand", "dmad-px"])
+def test_paper_config_student_is_rd4ads_full_width_student(name):
+    """The paper recipes' student (AAND's, and DMAD's pixel model) has exactly RD4AD's parameter count."""
+    model_name, _, mode = name.partition("-")
+    recipe = adcore.get_recipe(model_name, "paper")
+    params = {**recipe.model_params, "pretrained": False, **({"mode": mode} if mode else {})}
+    model = adcore.create_model(model_name, **params)
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert (count(model.ocbe), count(model.decoder)) == rd4ad_wide_resnet50_2_student()
+    assert [len(stage) for stage in model.decoder.stages] == [3, 4, 6]
+    assert [stage[0].body[0].out_channels for stage in model.decoder.stages] == [512, 256, 128]  # ratio 0.5
+    assert model.ocbe.blocks[0].body[0].out_channels == 1024  # the OCBE bottleneck is 1024 wide
 
 
 def test_core_encoder_stays_frozen_in_train_mode():
@@ -166,6 +238,79 @@ def test_dmad_image_score_uses_training_statistics_and_fixed_weight():
         raw = model._raw_scores(amap, deformation)
         expected = ((raw - model.score_min) / (model.score_max - model.score_min)) @ torch.tensor([1.0, 0.05])
         torch.testing.assert_close(model.predict(x).pred_score, expected)
+
+
+def test_dmad_cycle_loss_is_measured_on_imagenet_normalised_images():
+    x = torch.rand(2, 3, 8, 8)
+    back = x.clone()
+    back[:, 0] += 0.1  # the red channel off by 0.1 everywhere, the others exact
+    # By hand: ((0.1 / 0.229)² + 0 + 0) / 3 = 0.190690 / 3 = 0.0635635; on [0, 1] images it would be 0.01 / 3.
+    assert dmad_mod.cycle_loss(back, x).item() == pytest.approx(0.0635635, rel=1e-5)
+    assert F.mse_loss(back, x).item() == pytest.approx(0.0033333, rel=1e-4)
+
+
+def test_dmad_training_step_logs_the_normalised_cycle_loss():
+    torch.manual_seed(0)
+    model = adcore.create_model("dmad", **TINY, cycle_weight=2.0).eval()  # eval: a deterministic forward twice
+    x = torch.rand(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        logs = model.training_step(x, "main")
+        out = model._forward(x)
+        back = dmad_mod.warp(dmad_mod.warp(out["x_def"], out["o2_inv"]), out["o1_inv"])
+    torch.testing.assert_close(logs["cycle"], 2.0 * dmad_mod.cycle_loss(back, x))
+    assert logs["cycle"] > 2.0 * 15 * F.mse_loss(back, x)  # 1/std² is 17-20 per channel
+
+
+def test_dmad_image_and_pixel_models_have_the_repositorys_ocbe_inputs():
+    # DMAD-PPDM resnet.py BN_layer: vq=True concatenates 3 × 64 squeezed levels + the 1024-channel VQ level 3 (1216);
+    # vq=False is RD4AD's OCBE over 3 × 1024.
+    sp = adcore.create_model("dmad", mode="sp", backbone="wide_resnet50_2", pretrained=False, offset_width=4)
+    px = adcore.create_model("dmad", mode="px", backbone="wide_resnet50_2", pretrained=False, offset_width=4)
+    assert sp.ocbe.blocks[0].body[0].in_channels == 1216 and sp.quantizer is not None
+    assert px.ocbe.blocks[0].body[0].in_channels == 3072 and px.quantizer is None
+    assert isinstance(px.ocbe.level3, torch.nn.Identity)
+    assert [m.in_channels for m in sp.ocbe.modules() if isinstance(m, torch.nn.Conv2d)][:3] == [256, 64, 64]
+    assert sp.quantizer.codebook.weight.shape == (200, 1024)
+    with pytest.raises(ValueError, match="no VQ"):
+        adcore.create_model("dmad", **TINY, mode="px", vq=True)
+    with pytest.raises(ValueError, match="mode"):
+        adcore.create_model("dmad", **TINY, mode="both")
+    assert adcore.create_model("dmad", **TINY, vq=False).quantizer is None  # the sp ablation without VQ
+
+
+@pytest.mark.parametrize("mode", ["sp", "px"])
+def test_dmad_deformation_in_the_pixel_map(mode):
+    torch.manual_seed(0)
+    model = adcore.create_model("dmad", **TINY, mode=mode, deformation_in_map=True, deformation_weight=0.5)
+    adcore.fit(model, tiny_data(), num_epochs=1, lr=1e-3, batch_size=2, progress=False)
+    assert (model.pixel_max > model.pixel_min).all()  # per-pixel statistics of the training images
+    x = torch.rand(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        amap, deformation = model.maps(x)
+        lo, hi = model.pixel_min, model.pixel_max
+        expected = (amap - lo[0]) / (hi[0] - lo[0]) + 0.5 * (deformation - lo[1]) / (hi[1] - lo[1])
+        torch.testing.assert_close(model.predict(x).anomaly_map, expected)
+        model.deformation_in_map = False
+        torch.testing.assert_close(model.predict(x).anomaly_map, amap)
+
+
+@pytest.mark.parametrize("name, kwargs", [("dmad", {}), ("dmad", dict(mode="px")), ("aand", {})])
+def test_a_fresh_model_loads_the_trained_state_dict(name, kwargs):
+    """Everything learnt from the training data (weights and statistics) travels in the state dict."""
+    torch.manual_seed(0)
+    model = adcore.create_model(name, **TINY, **kwargs)
+    data = tiny_data()
+    adcore.fit(model, data, num_epochs=1, lr=1e-3, batch_size=2, progress=False)
+    fresh = adcore.create_model(name, **TINY, **kwargs)
+    fresh.load_state_dict(model.state_dict())
+    fresh.eval()
+    x = torch.rand(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        a, b = model.predict(x), fresh.predict(x)
+    torch.testing.assert_close(a.pred_score, b.pred_score)
+    torch.testing.assert_close(a.anomaly_map, b.anomaly_map)
+    if name == "aand":
+        assert fresh.foreground_rule == model.foreground_rule
 
 
 def test_dmad_rejects_bad_parameters():
@@ -290,6 +435,61 @@ def test_aand_resume_across_the_stage_boundary_matches_an_uninterrupted_run(tmp_
         torch.testing.assert_close(params(resumed)[k], v, msg=k)
 
 
+def test_aand_level_foreground_is_average_pooled_above_0_3(monkeypatch):
+    torch.manual_seed(0)
+    model = adcore.create_model("aand", **TINY, foreground="disk")
+    seen = []
+    original = aand_mod.amplification_loss
+
+    def spy(plain, amplified, mask, foreground, **kw):
+        seen.append(foreground)
+        return original(plain, amplified, mask, foreground, **kw)
+
+    monkeypatch.setattr(aand_mod, "amplification_loss", spy)
+    x = torch.rand(2, 3, SIZE, SIZE)
+    model.training_step(x, "amplify")
+    disk = pa.foreground_mask(x, "disk").float()
+    for got in seen:  # one per level: 8×8, 4×4, 2×2 at 32 px
+        pooled = F.adaptive_avg_pool2d(disk[:, None], got.shape[-2:])[:, 0]
+        assert torch.equal(got, pooled > 0.3)
+    assert seen[0].shape[-2:] == (8, 8) and 0 < seen[0].float().mean() < 1
+    # Pooling, not nearest sampling: a cell one quarter covered is background, one half covered is foreground.
+    fg = torch.zeros(1, 4, 4)
+    fg[0, 0, 0] = 1  # a quarter of cell (0, 0)
+    fg[0, 0:2, 2] = 1  # half of cell (0, 1)
+    assert aand_mod._level_masks(fg, [(2, 2)])[0].tolist() == [[[0.0, 1.0], [0.0, 0.0]]]
+
+
+class _Named(list):
+    """A list of training samples with the attributes AAND reads from a training set."""
+
+    def __init__(self, items, category, native):
+        super().__init__(items)
+        self.category, self._native = category, [(native, native)] * len(items)
+
+
+def test_aand_foreground_rule_from_the_training_set():
+    model = adcore.create_model("aand", **TINY)
+    loader = torch.utils.data.DataLoader(_Named(tiny_data(2), "cable", 1024), batch_size=2)
+    model.on_fit_start(loader)
+    assert model.foreground_rule == ("disk", 0, 1024)
+    model.on_fit_start(torch.utils.data.DataLoader(_Named(tiny_data(2), "screw", 1024), batch_size=2))
+    assert model.foreground_rule == ("dark", 150, 1024)
+    model.on_fit_start(torch.utils.data.DataLoader(tiny_data(2), batch_size=2))  # no category, no native size
+    assert model.foreground_rule == ("all", 0, None)
+
+
+def test_foreground_blur_is_sigma_8_at_the_native_resolution():
+    from scipy.ndimage import gaussian_filter
+
+    torch.manual_seed(0)
+    images = torch.rand(1, 3, 64, 64)
+    grey = (0.299 * images[0, 0] + 0.587 * images[0, 1] + 0.114 * images[0, 2]).numpy() * 255
+    for native, sigma in [(256, 2.0), (None, 8.0), (64, 8.0)]:  # σ = 8 · 64 / native
+        expected = torch.from_numpy(gaussian_filter(grey, sigma) > 127)
+        assert torch.equal(pa.foreground_mask(images, "bright", 127, native_size=native)[0], expected), native
+
+
 def test_aand_rejects_bad_parameters():
     with pytest.raises(ValueError, match="foreground"):
         adcore.create_model("aand", **TINY, foreground="everything")
@@ -348,4 +548,5 @@ def test_foreground_masks():
     assert pa.foreground_mask(images, "all").all()
     with pytest.raises(ValueError, match="foreground mode"):
         pa.foreground_mask(images, "edges")
-    assert pa.MVTEC_FOREGROUND["cable"] == ("all", 0)  # the repository's 'cabel' typo, fixed
+    # AAND's list puts cable with bottle on the centred disk; its 'cabel' typo had cable skipped.
+    assert pa.MVTEC_FOREGROUND["cable"] == pa.MVTEC_FOREGROUND["bottle"] == ("disk", 0)

@@ -27,6 +27,12 @@ Faithfulness notes:
 - Pseudo-anomaly textures come from scikit-image photographs and procedural patterns disjoint from the test
   benchmark's defect sources (:mod:`adcore.models.pseudo_anomaly`), not from DTD.
 - ``amplify=False`` is the ablation without Stage I: the same student and loss against the plain teacher.
+- Foreground (where pseudo-anomalies may go and which positions count as normal in L_A): AAND's rule per MVTec
+  category, with cable on the centred disk its list intended (its ``'cabel'`` typo left cable with the previous
+  class's mask); the σ = 8 blur is at the native resolution (scaled to the input, σ = 8·S/native); per level, the
+  foreground is adaptive-average-pooled and thresholded at 0.3, as the anomaly mask is.
+- AAND resizes images bicubically; the project's loaders resize with antialiased bilinear for every method alike.
+- The student is RD4AD's (OCBE + ``de_wide_resnet50_2``) at full width in the paper recipe.
 """
 from __future__ import annotations
 
@@ -37,6 +43,7 @@ from torch import nn
 
 from adcore.models.pseudo_anomaly import MVTEC_FOREGROUND, PseudoAnomalySynthesizer, foreground_mask
 from adcore.models.rd import ReverseDistillation, anomaly_map, cosine_distance_maps, rd_loss
+from adcore.recipes import Recipe
 from adcore.registry import register_model
 from adcore.types import AnomalyOutput
 
@@ -149,6 +156,20 @@ def _level_masks(masks: torch.Tensor, sizes, threshold: float = 0.3) -> list[tor
     return [(F.adaptive_avg_pool2d(masks[:, None].float(), tuple(s))[:, 0] > threshold).float() for s in sizes]
 
 
+_FOREGROUND_MODES = ("all", "bright", "dark", "disk")
+
+
+def native_side(dataset) -> int | None:
+    """The side in pixels of a training set's original images (the first one's width), None if it does not say.
+
+    ``adcore``'s MVTec-layout datasets record it per sample in ``_native`` ((w, h) pairs); a ``Subset`` is unwrapped.
+    """
+    while hasattr(dataset, "dataset") and hasattr(dataset, "indices"):
+        dataset = dataset.dataset
+    native = getattr(dataset, "_native", None)
+    return int(native[0][0]) if native else None
+
+
 @register_model("aand")
 class AAND(ReverseDistillation):
     """AAND: Stage I ``"amplify"`` trains the RAA modules, Stage II ``"distill"`` the student against them, frozen.
@@ -171,12 +192,33 @@ class AAND(ReverseDistillation):
     """
 
     stages = ("amplify", "distill")
+    recipes = {
+        "default": Recipe(
+            num_epochs={"amplify": 4, "distill": 8}, lr=0.005, batch_size=8, image_size=128,
+            model_params=dict(backbone="efficientnet_lite0", num_items=50, hard_k=10, clean_prob=0.2,
+                              foreground="auto", bottleneck_dim=None, ocbe_blocks=1, ocbe_ratio=0.25,
+                              decoder_blocks=(1, 1, 1), decoder_ratio=1.0, milestones_amplify=None,
+                              milestones_distill=None),
+            source="CPU default: EfficientNet-Lite0 at 128 px and a narrow RD4AD-layout student for a 2-core "
+                   "budget; lr is the code's. Epochs by a compute-budget rule that reads no test data: the most "
+                   "that keep the notebook's main run and its two ablations inside the book's 8-minute CPU budget, "
+                   "with Stage II twice Stage I because only Stage II shapes the scored student."),
+        "paper": Recipe(
+            num_epochs={"amplify": 100, "distill": 120}, lr=0.005, batch_size=16, image_size=256,
+            model_params=dict(backbone="wide_resnet50_2", num_items=50, hard_k=10, clean_prob=0.2,
+                              foreground="auto", bottleneck_dim=2048, ocbe_blocks=3, ocbe_ratio=0.5,
+                              decoder_blocks=(3, 4, 6), decoder_ratio=0.5, milestones_amplify=(80, 90),
+                              milestones_distill=(96, 108)),
+            source="Hui-design/AAND train.py: Stage I 100 epochs, MultiStepLR [80, 90] x0.2; Stage II 120 epochs, "
+                   "[96, 108] x0.2; Adam lr 0.005 betas (0.5, 0.999); batch 16; 256 px bicubic; WideResNet-50-2; "
+                   "the student is RD4AD's BN_layer + de_wide_resnet50_2 (hq-deng/RD4AD), full width."),
+    }
 
     def __init__(self, amplify: bool = True, num_items: int = 50, temperature: float = 0.2, focal_alpha: float = 0.8,
                  focal_gamma: float = 2.0, amplify_weight: float = 0.1, margin: float = 0.3, hard_k: int = 10,
                  foreground: str = "auto", foreground_threshold: float = 0, clean_prob: float = 0.2,
                  milestones_amplify=None, milestones_distill=None, **rd_params):
-        if foreground not in ("auto", "all", "bright", "dark", "disk"):
+        if foreground not in ("auto", *_FOREGROUND_MODES):
             raise ValueError(f"foreground must be 'auto', 'all', 'bright', 'dark' or 'disk', got {foreground!r}")
         if isinstance(hard_k, bool) or not isinstance(hard_k, int) or hard_k < 0:
             raise ValueError(f"hard_k must be a non-negative int, got {hard_k!r}")
@@ -189,11 +231,20 @@ class AAND(ReverseDistillation):
         self.synthesizer = PseudoAnomalySynthesizer(clean_prob=clean_prob)
         self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
         self.amplify_weight, self.margin, self.hard_k = amplify_weight, margin, hard_k
-        self.foreground, self.foreground_threshold = foreground, foreground_threshold
-        # The rule in use: "auto" is resolved from the training set's category in on_fit_start.
-        self.foreground_rule = ("all", 0) if foreground == "auto" else (foreground, foreground_threshold)
+        self.foreground = foreground
+        # The foreground rule in use, as (mode index into _FOREGROUND_MODES, grey threshold, native image side or 0):
+        # "auto" and the native side are read from the training set in on_fit_start; a buffer, so that a model
+        # rebuilt from its state dict synthesises pseudo-anomalies (gate_examples) exactly as the trained one did.
+        mode, threshold = ("all", 0) if foreground == "auto" else (foreground, foreground_threshold)
+        self.register_buffer("foreground_setting", torch.tensor([_FOREGROUND_MODES.index(mode), threshold, 0.0]))
         self.milestones = {"amplify": milestones_amplify, "distill": milestones_distill}
         self.stage_one_frozen = not amplify
+
+    @property
+    def foreground_rule(self) -> tuple[str, float, int | None]:
+        """``(mode, grey threshold, native side or None)``: the arguments of :func:`foreground_mask` after images."""
+        mode, threshold, native = self.foreground_setting.tolist()
+        return _FOREGROUND_MODES[int(mode)], threshold, int(native) or None
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -202,9 +253,12 @@ class AAND(ReverseDistillation):
         return self
 
     def on_fit_start(self, train_loader) -> None:
+        mode, threshold, _ = self.foreground_rule
         if self.foreground == "auto":
             category = getattr(train_loader.dataset, "category", None)
-            self.foreground_rule = MVTEC_FOREGROUND.get(category, ("all", 0))
+            mode, threshold = MVTEC_FOREGROUND.get(category, ("all", 0))
+        native = native_side(train_loader.dataset) or 0
+        self.foreground_setting.copy_(torch.tensor([_FOREGROUND_MODES.index(mode), threshold, native]))
 
     def on_stage_start(self, stage: str, train_loader) -> None:
         if stage == "distill":  # Stage II distils from a frozen Stage I
@@ -246,7 +300,7 @@ class AAND(ReverseDistillation):
             plain = self.encode(images)
         sizes = [f.shape[-2:] for f in plain]
         level_masks = _level_masks(masks, sizes)
-        level_fg = [F.interpolate(fg[:, None].float(), size=tuple(s), mode="nearest")[:, 0] > 0.5 for s in sizes]
+        level_fg = [m > 0.5 for m in _level_masks(fg, sizes)]  # AAND pools the foreground like the anomaly mask
         focal, amp_loss, precision = 0, 0, []
         for amp, f, m, g in zip(self.amplifiers, plain, level_masks, level_fg):
             amplified, gate = amp(f, gate=m)  # teacher forcing: the true mask opens the residual

@@ -10,22 +10,31 @@ module* (ICM: vector quantisation of the deepest features) limits what the recon
 show up either as reconstruction error or as large deformation.
 
     x' = warp(warp(x, g1), g2),   g_i = identity + O_i  (O1 coarse, ≤ 8/256 of the side; O2 fine, ≤ 3/256)
-    L = L_RD(E(x'), D(OCBE(E(x'), VQ(E_3(x'))))) + mean‖O1‖ + mean‖O2‖ + Σ smooth(O·) + γ·MSE(warpᵀ(x'), x) + L_vq
+    L = L_RD(E(x'), D(OCBE(E(x'), VQ(E_3(x'))))) + mean‖O1‖ + mean‖O2‖ + Σ smooth(O·) + γ·MSE(warpᵀ(x̃'), x̃) + L_vq
     map(x) = warpᵀ(Σ_l up(1 − cos(E_l, D_l)))          (back through the inverse fields O2ᵀ, O1ᵀ)
     deformation(x) = warp(‖O2ᵀ‖, g1ᵀ) + ‖O1ᵀ‖
 
+where x̃ is the ImageNet-normalised image.
+
 Faithfulness notes:
+- Two models, as the repository trains them (``Train_mvtec.py`` saves ``_I.pth`` and ``_P.pth``): ``mode="sp"``, the
+  image-level model, vector-quantises level 3 and squeezes each level to 64 channels before RD4AD's bottleneck
+  (64 + 64 + 64 + 1024 = 1216 input channels); ``mode="px"``, the pixel-level model, has no VQ and RD4AD's own OCBE
+  over 3 × 1024 channels. Both share the deformation module, the decoder and the losses. The paper's image AUROC
+  belongs to the sp model, its pixel AUROC to the px model. The CPU default trains the sp model only and reads both
+  results from it.
+- Cycle loss. The repository's OffsetNet receives ImageNet-normalised images, so γ·MSE is measured in normalised
+  units (1/std² ≈ 20× larger than on [0, 1] images); it is computed on normalised images here too.
 - Image score. The repository returns max(AUROC with, AUROC without the deformation term) on the *test set*, with
   per-class weights (0.2 for screw/carpet/metal_nut, else 0.05) and min-max normalisation over the test set. Here
   one weight is fixed a priori, ``deformation_weight = 0.05`` (the repository's default class), and both terms are
-  min-max normalised with statistics of the *training* images, gathered after training (``on_fit_end``); nothing
-  looks at test data. Both terms are the max of the map after the shared Gaussian (σ = 4 px).
-- The repository trains separate image-level (with VQ) and pixel-level (without) models; one model does both here,
-  and ``vq=False`` is the ablation.
+  min-max normalised with statistics of the *training* images, gathered after training (``on_fit_end``, stored as
+  buffers); nothing looks at test data. Both terms are the max of the map after the shared Gaussian (σ = 4 px).
+- Pixel map. The repository's pixel score is the same sum per pixel, min-max normalised over all test pixels, again
+  the better of with and without. ``deformation_in_map=True`` offers it, with per-pixel min-max statistics of the
+  training images; the default (False) keeps the reconstruction map alone, the shared protocol's map.
 - Widths (``offset_width`` 16 instead of 64, EfficientNet-Lite0 levels) are reduced for a CPU budget; offsets are
   bounded as fractions of the image side, so they mean the same at any resolution.
-- The OCBE squeezes every level to ``ocbe_width`` channels (DMAD: 64) and concatenates the vector-quantised level 3
-  at full width, as DMAD's ``mode="sp"``.
 """
 from __future__ import annotations
 
@@ -33,11 +42,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from adcore.backbones import IMAGENET_STD
+from adcore.models.rd import ReverseDistillation, anomaly_map, rd_loss
+from adcore.recipes import Recipe
 from adcore.registry import register_model
 from adcore.types import AnomalyOutput
-from adcore.models.rd import ReverseDistillation, anomaly_map, rd_loss
 
-__all__ = ["DMAD", "OffsetNet", "VectorQuantizer", "gaussian_blur"]
+__all__ = ["DMAD", "OffsetNet", "VectorQuantizer", "cycle_loss", "gaussian_blur"]
 
 
 def add_coords(x: torch.Tensor, cell: int = 4) -> torch.Tensor:
@@ -127,6 +138,13 @@ def smoothness(offset: torch.Tensor) -> torch.Tensor:
     return F.conv2d(offset, k.expand(2, 1, 3, 3), groups=2).abs().mean()
 
 
+def cycle_loss(back: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """MSE between two (B, 3, S, S) images in [0, 1], measured after ImageNet normalisation, as DMAD's OffsetNet
+    sees them: mean(((back − x) / std_c)²). The mean cancels in the difference."""
+    std = torch.tensor(IMAGENET_STD, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
+    return ((back - images) / std).square().mean()
+
+
 class VectorQuantizer(nn.Module):
     """VQ-VAE quantiser (van den Oord et al. 2017) as DMAD's ICM: nearest of K codes, straight-through gradient.
 
@@ -160,32 +178,64 @@ def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     return F.conv2d(x, k.view(1, 1, -1, 1))[:, 0]
 
 
+_SOURCE = "DMAD-PPDM (FlappyPeggy/DMAD) Train_mvtec.py and resnet.py"
+
+
 @register_model("dmad")
 class DMAD(ReverseDistillation):
-    """DMAD-PPDM: pre-deformation + vector-quantised reverse distillation.
+    """DMAD-PPDM: pre-deformation + (in the image model) vector-quantised reverse distillation.
 
     Args:
+        mode: ``"sp"``, the repository's image-level model (VQ on level 3, every level squeezed to ``ocbe_width``
+            before the bottleneck), or ``"px"``, its pixel-level model (no VQ, RD4AD's OCBE).
         deform: use the pyramid deformation module (False: the ablation without it).
-        vq: use vector quantisation on the deepest level (False: the ablation without it).
+        vq: vector quantisation on the deepest level; None: the mode's (sp: on, px: off); False in sp mode is the
+            ablation without it.
         num_codes: VQ codebook size K (DMAD: 200).
         offset_width: channels of the offset network (DMAD: 64).
         offset_stride: 2 runs the offset network's trunk at half resolution (DMAD: 1).
         max_offset_coarse: bound of O1 as a fraction of the image side (DMAD: 8 px at 256).
         max_offset_fine: bound of O2 (DMAD: 3 px at 256).
-        cycle_weight: γ of the cycle loss (DMAD: 1).
+        cycle_weight: γ of the cycle loss, on ImageNet-normalised images (DMAD: 1).
         deformation_weight: the one fixed weight of the deformation term in the image score (DMAD's default 0.05).
+        deformation_in_map: add the deformation term to the pixel map too, with the same weight (DMAD's pixel
+            score); False: the reconstruction map alone.
         score_sigma: Gaussian σ (pixels at image resolution) before the max in the image score (the shared 4).
         cosine_epochs: if set, cosine-anneal the lr over this many epochs (DMAD: 400); None keeps it constant.
-        ocbe_width: per-level squeeze width in the OCBE (DMAD: 64).
+        ocbe_width: sp mode's per-level squeeze width (DMAD: 64); px mode uses RD4AD's OCBE and ignores it.
         **rd_params: the reverse-distillation core's parameters (:class:`ReverseDistillation`).
     """
 
     own_image_score = True
+    recipes = {
+        "default": Recipe(
+            num_epochs=8, lr=0.005, batch_size=8, image_size=128,
+            model_params=dict(mode="sp", backbone="efficientnet_lite0", num_codes=200, offset_width=16,
+                              offset_stride=2, ocbe_width=64, bottleneck_dim=None, ocbe_blocks=1, ocbe_ratio=0.25,
+                              decoder_blocks=(1, 1, 1), decoder_ratio=1.0, deformation_weight=0.05,
+                              deformation_in_map=False, cosine_epochs=None),
+            source="CPU default: narrowed widths and EfficientNet-Lite0 at 128 px for a 2-core budget; lr and batch "
+                   "are the code's. Epochs by a compute-budget rule that reads no test data: the most that keep the "
+                   "notebook's main run and its two ablations inside the book's 8-minute CPU budget."),
+        "paper": Recipe(
+            num_epochs=400, lr=0.005, batch_size=8, image_size=256,
+            model_params=dict(backbone="wide_resnet50_2", num_codes=200, offset_width=64, offset_stride=1,
+                              ocbe_width=64, bottleneck_dim=2048, ocbe_blocks=3, ocbe_ratio=0.5,
+                              decoder_blocks=(3, 4, 6), decoder_ratio=0.5, deformation_weight=0.05,
+                              deformation_in_map=False, cosine_epochs=400),
+            source=f"{_SOURCE}: 400 epochs, AdamW lr 0.005 betas (0.5, 0.999), CosineAnnealingLR(T_max=400), "
+                   "batch 8, 256 px, WideResNet-50-2, RD4AD's full-width student. Two models (mode='sp' for the "
+                   "image results, 'px' for the pixel results) train with these same settings; paper.yaml says "
+                   "mode: both."),
+    }
 
-    def __init__(self, deform: bool = True, vq: bool = True, num_codes: int = 200, offset_width: int = 16,
-                 offset_stride: int = 2, max_offset_coarse: float = 8 / 256, max_offset_fine: float = 3 / 256,
-                 cycle_weight: float = 1.0, deformation_weight: float = 0.05, score_sigma: float = 4.0,
-                 cosine_epochs: int | None = None, ocbe_width: int = 64, **rd_params):
+    def __init__(self, mode: str = "sp", deform: bool = True, vq: bool | None = None, num_codes: int = 200,
+                 offset_width: int = 16, offset_stride: int = 2, max_offset_coarse: float = 8 / 256,
+                 max_offset_fine: float = 3 / 256, cycle_weight: float = 1.0, deformation_weight: float = 0.05,
+                 deformation_in_map: bool = False, score_sigma: float = 4.0, cosine_epochs: int | None = None,
+                 ocbe_width: int = 64, **rd_params):
+        if mode not in ("sp", "px"):
+            raise ValueError(f"mode must be 'sp' (the image-level model) or 'px' (the pixel-level model), got {mode!r}")
         for name, value in [("num_codes", num_codes), ("offset_width", offset_width)]:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -194,16 +244,23 @@ class DMAD(ReverseDistillation):
                 raise ValueError(f"{name} is a fraction of the image side and must be in (0, 1), got {value!r}")
         if cosine_epochs is not None and (not isinstance(cosine_epochs, int) or cosine_epochs < 1):
             raise ValueError(f"cosine_epochs must be None or a positive int, got {cosine_epochs!r}")
-        super().__init__(ocbe_width=ocbe_width, extra_level3=bool(vq), **rd_params)
+        vq = (mode == "sp") if vq is None else bool(vq)
+        if mode == "px" and vq:
+            raise ValueError("mode='px' is DMAD's pixel-level model, which has no VQ; use mode='sp' for VQ")
+        super().__init__(ocbe_width=ocbe_width if mode == "sp" else None, extra_level3=vq, **rd_params)
         c3 = self.channels[-1]
-        self.deform, self.use_vq = bool(deform), bool(vq)
+        self.mode, self.deform, self.use_vq = mode, bool(deform), vq
         self.offsets = OffsetNet(offset_width, max_offset_coarse, max_offset_fine, offset_stride) if deform else None
         self.quantizer = VectorQuantizer(num_codes, c3) if vq else None
         self.cycle_weight, self.deformation_weight = cycle_weight, deformation_weight
+        self.deformation_in_map = bool(deformation_in_map)
         self.score_sigma, self.cosine_epochs = score_sigma, cosine_epochs
-        # Min and max of (map score, deformation score) over the training images, set by on_fit_end.
+        # Min and max of (map, deformation) over the training images, set by on_fit_end: of the per-image maxima of
+        # the smoothed maps (image score), and of all their pixels (pixel map).
         self.register_buffer("score_min", torch.zeros(2))
         self.register_buffer("score_max", torch.ones(2))
+        self.register_buffer("pixel_min", torch.zeros(2))
+        self.register_buffer("pixel_max", torch.ones(2))
 
     def configure_optimizers(self, stage: str, lr: float):
         params = self.student_parameters() + ([] if self.quantizer is None else list(self.quantizer.parameters()))
@@ -235,7 +292,7 @@ class DMAD(ReverseDistillation):
             logs["magnitude"] = field_norm(out["o1"]).mean() + field_norm(out["o2"]).mean()
             logs["smooth"] = sum(smoothness(o) for o in fields)
             back = warp(warp(out["x_def"], out["o2_inv"]), out["o1_inv"])
-            logs["cycle"] = self.cycle_weight * F.mse_loss(back, images)
+            logs["cycle"] = self.cycle_weight * cycle_loss(back, images)
         if self.quantizer is not None:
             logs["vq"] = out["vq_loss"]
         logs["loss"] = sum(logs.values())
@@ -251,25 +308,41 @@ class DMAD(ReverseDistillation):
         deformation = warp(field_norm(out["o2_inv"])[:, None], out["o1_inv"])[:, 0] + field_norm(out["o1_inv"])
         return amap, deformation
 
+    def _smoothed(self, amap: torch.Tensor, deformation: torch.Tensor) -> list[torch.Tensor]:
+        return [gaussian_blur(amap, self.score_sigma), gaussian_blur(deformation, self.score_sigma)]
+
     def _raw_scores(self, amap: torch.Tensor, deformation: torch.Tensor) -> torch.Tensor:
         """(B, 2): max of each smoothed map."""
-        return torch.stack([gaussian_blur(amap, self.score_sigma).flatten(1).amax(1),
-                            gaussian_blur(deformation, self.score_sigma).flatten(1).amax(1)], dim=1)
+        return torch.stack([m.flatten(1).amax(1) for m in self._smoothed(amap, deformation)], dim=1)
 
     def predict(self, images: torch.Tensor) -> AnomalyOutput:
         amap, deformation = self.maps(images)
         raw = self._raw_scores(amap, deformation)
         norm = (raw - self.score_min) / (self.score_max - self.score_min).clamp_min(1e-8)
-        score = norm[:, 0] + (self.deformation_weight * norm[:, 1] if self.offsets is not None else 0)
+        with_deformation = self.offsets is not None
+        score = norm[:, 0] + (self.deformation_weight * norm[:, 1] if with_deformation else 0)
+        if self.deformation_in_map and with_deformation:
+            # Linear in both maps, so the evaluation's Gaussian afterwards equals DMAD's sum of smoothed maps.
+            scale = (self.pixel_max - self.pixel_min).clamp_min(1e-8)
+            amap = ((amap - self.pixel_min[0]) / scale[0]
+                    + self.deformation_weight * (deformation - self.pixel_min[1]) / scale[1])
         return AnomalyOutput(pred_score=score, anomaly_map=amap)
 
     @torch.no_grad()
     def on_fit_end(self, train_loader) -> None:
-        """Min-max statistics of both score terms over the training images (never the test set)."""
+        """Min-max statistics of both terms over the training images (never the test set)."""
         was_training = self.training
         self.eval()
         device = self.score_min.device
-        raw = torch.cat([self._raw_scores(*self.maps(batch["image"].to(device))) for batch in train_loader])
+        raw, low, high = [], [], []
+        for batch in train_loader:
+            smoothed = self._smoothed(*self.maps(batch["image"].to(device)))
+            raw.append(torch.stack([m.flatten(1).amax(1) for m in smoothed], dim=1))
+            low.append(torch.stack([m.amin() for m in smoothed]))
+            high.append(torch.stack([m.amax() for m in smoothed]))
+        raw = torch.cat(raw)
         self.score_min.copy_(raw.amin(0))
         self.score_max.copy_(raw.amax(0))
+        self.pixel_min.copy_(torch.stack(low).amin(0))
+        self.pixel_max.copy_(torch.stack(high).amax(0))
         self.train(was_training)

@@ -15,8 +15,9 @@ use; checked against ``adcore.data.defects.TEST_DEFECT_SOURCES`` at import) and 
 checkers, coloured noise); the DTD images of the paper are not available offline. The only defect family is the
 Perlin-masked texture blend: no scratches, holes or blotches.
 
-Foreground masks follow AAND's ``scripts/fore_extractor.py``: grey image, Gaussian blur (σ = 8 px at 256²),
-then a fixed threshold per category group (:data:`MVTEC_FOREGROUND`); textures use the whole image.
+Foreground masks follow AAND's ``scripts/fore_extractor.py``: grey image, Gaussian blur of σ = 8 px at the image's
+*native* resolution (the script runs on the original files; here σ is scaled to the model's input,
+σ = 8·S/native), then a fixed threshold per category group (:data:`MVTEC_FOREGROUND`); textures use the whole image.
 """
 from __future__ import annotations
 
@@ -43,12 +44,13 @@ if _overlap:  # a guard, not a branch: the two lists are maintained in different
     raise ImportError(f"pseudo-anomaly sources {sorted(_overlap)} are also test-defect sources; they must be disjoint")
 
 #: AAND's foreground rule per MVTec AD category: ("all" | "bright" | "dark" | "disk", grey threshold in 0..255).
-#: The repository's ``'cabel'`` typo sent cable to the previous class's disk mask; cable is "all" here.
+#: AAND's list puts cable with bottle (the centred disk); its ``'cabel'`` typo made the script skip cable, which then
+#: silently re-saved the previous class's mask. Cable gets the disk the list intended.
 MVTEC_FOREGROUND = {
-    **{c: ("all", 0) for c in ("carpet", "grid", "leather", "tile", "wood", "transistor", "cable")},
+    **{c: ("all", 0) for c in ("carpet", "grid", "leather", "tile", "wood", "transistor")},
     **{c: ("dark", 150) for c in ("capsule", "screw", "zipper")},
     **{c: ("bright", 50) for c in ("hazelnut", "metal_nut", "pill", "toothbrush")},
-    "bottle": ("disk", 0),
+    **{c: ("disk", 0) for c in ("bottle", "cable")},
 }
 
 
@@ -85,12 +87,15 @@ def perlin_mask(size: int, rng: np.random.Generator, threshold: float = 0.5, max
     return noise > threshold
 
 
-def foreground_mask(images: torch.Tensor, mode: str = "all", threshold: float = 0) -> torch.Tensor:
+def foreground_mask(images: torch.Tensor, mode: str = "all", threshold: float = 0,
+                    native_size: int | None = None) -> torch.Tensor:
     """AAND's foreground rule for (B, 3, S, S) images in [0, 1] → (B, S, S) bool.
 
     ``"all"``: every pixel; ``"bright"``: blurred grey > threshold; ``"dark"``: blurred grey < threshold (the repo's
     "inverted > t" on 255 − grey); ``"disk"``: a centred disk of radius 0.45·S. ``threshold`` is in grey levels
-    0..255; the blur is σ = 8 px at 256², scaled with S.
+    0..255. The blur is AAND's σ = 8 px at the images' native side ``native_size`` (None: S), i.e. σ = 8·S/native
+    at the input's resolution: blurring the original and then resizing equals resizing and then blurring with the
+    scaled σ, up to the resize's own smoothing.
     """
     b, _, h, w = images.shape
     if mode == "all":
@@ -102,8 +107,9 @@ def foreground_mask(images: torch.Tensor, mode: str = "all", threshold: float = 
         return disk.expand(b, h, w).clone()
     if mode not in ("bright", "dark"):
         raise ValueError(f"foreground mode must be 'all', 'bright', 'dark' or 'disk', got {mode!r}")
-    grey = (images.detach().float().mean(dim=1) * 255).cpu().numpy()
-    sigma = 8 * h / 256
+    luma = torch.tensor([0.299, 0.587, 0.114], device=images.device)  # PIL's "L" conversion, which AAND uses
+    grey = (torch.einsum("bchw,c->bhw", images.detach().float(), luma) * 255).cpu().numpy()
+    sigma = 8 * h / (native_size or h)
     blurred = torch.from_numpy(np.stack([gaussian_filter(g, sigma) for g in grey])).to(images.device)
     return blurred > threshold if mode == "bright" else blurred < threshold
 

@@ -9,11 +9,14 @@ reproduce every level from that code. On normal images the two agree; where they
 
 Faithfulness notes:
 - The encoder is ``adcore.backbones.create_backbone``: EfficientNet-Lite0 (24/40/112 channels at strides 4/8/16) by
-  default, WideResNet-50-2 (256/512/1024, the papers' choice) when its weights file is given.
+  default, WideResNet-50-2 (256/512/1024, the papers' choice) through torchvision's weights.
 - Widths are parameters because the papers' WideResNet widths do not fit a 2-core CPU budget. With
-  ``ocbe_width = C3``, ``bottleneck_dim = 2·C3``, ``ocbe_blocks = 3``, ``decoder_ratio = 0.25`` and
-  ``decoder_blocks = 3`` the layout is RD4AD's (its level-3 input is projected by a 3×3 conv here, as in DMAD,
-  instead of passed through).
+  ``ocbe_width=None``, ``bottleneck_dim = 2·C3``, ``ocbe_blocks = 3``, ``ocbe_ratio = 0.5``, ``decoder_ratio = 0.5``
+  and ``decoder_blocks = (3, 4, 6)`` the student is RD4AD's ``BN_layer(AttnBottleneck, 3)`` +
+  ``de_wide_resnet50_2`` (hq-deng/RD4AD ``models/resnet.py``, ``models/de_resnet.py``; ``width_per_group = 128``
+  makes every bottleneck's inner width half its output): level 1 goes C1 → C2 → C3 by two stride-2 3×3 convs,
+  level 2 C2 → C3 by one, level 3 passes through, and 3·C3 → 2·C3 by three bottlenecks with inner width C3. The
+  unused ``conv4``/``bn4`` that RD4AD's ``BN_layer`` declares (never called in ``forward``) are left out.
 - Every per-level map is upsampled bilinearly with ``align_corners=True`` (RD4AD's ``cal_anomaly_map``).
 """
 from __future__ import annotations
@@ -65,21 +68,33 @@ class Bottleneck(nn.Module):
 class OCBE(nn.Module):
     """One-class bottleneck embedding: three levels (strides 4/8/16) → one code at stride 32.
 
-    Level 1 goes down ×4 by two stride-2 3×3 convs, level 2 ×2 by one, level 3 is projected in place; each ends at
-    ``width`` channels. ``extra_channels`` more channels at stride 16 may be concatenated (DMAD's vector-quantised
-    level 3). ``num_blocks`` bottlenecks, the first with stride 2, then map ``3·width + extra`` → ``out_dim``.
+    ``width=None`` is RD4AD's layout: level 1 goes C1 → C2 → C3 by two stride-2 3×3 convs, level 2 C2 → C3 by one,
+    level 3 passes through unchanged (3·C3 channels). An int ``width`` is DMAD's image-model layout (``vq=True`` in
+    DMAD-PPDM ``resnet.py``): every level is first squeezed to ``width`` by a stride-1 3×3 conv, then level 1 goes
+    down ×4 and level 2 ×2 by stride-2 3×3 convs (3·width channels). ``extra_channels`` more channels at stride 16
+    may be concatenated last (DMAD's vector-quantised level 3). Then ``num_blocks`` bottlenecks, the first with
+    stride 2, map the concatenation → ``out_dim`` with inner width ``ratio · out_dim`` (RD4AD: 0.5).
     """
 
-    def __init__(self, channels: Sequence[int], width: int, out_dim: int, num_blocks: int = 1,
-                 extra_channels: int = 0):
+    def __init__(self, channels: Sequence[int], width: int | None, out_dim: int, num_blocks: int = 1,
+                 extra_channels: int = 0, ratio: float = 0.25):
         super().__init__()
         c1, c2, c3 = channels
-        self.level1 = nn.Sequential(conv_bn_relu(c1, width, 2), conv_bn_relu(width, width, 2))
-        self.level2 = conv_bn_relu(c2, width, 2)
-        self.level3 = conv_bn_relu(c3, width, 1)
-        cin = 3 * width + extra_channels
-        blocks = [Bottleneck(cin, out_dim, max(out_dim // 4, 8), stride=2)]
-        blocks += [Bottleneck(out_dim, out_dim, max(out_dim // 4, 8)) for _ in range(num_blocks - 1)]
+        if width is None:
+            self.level1 = nn.Sequential(conv_bn_relu(c1, c2, 2), conv_bn_relu(c2, c3, 2))
+            self.level2 = conv_bn_relu(c2, c3, 2)
+            self.level3 = nn.Identity()
+            cin = 3 * c3
+        else:
+            self.level1 = nn.Sequential(conv_bn_relu(c1, width), conv_bn_relu(width, width, 2),
+                                        conv_bn_relu(width, width, 2))
+            self.level2 = nn.Sequential(conv_bn_relu(c2, width), conv_bn_relu(width, width, 2))
+            self.level3 = conv_bn_relu(c3, width)
+            cin = 3 * width
+        cin += extra_channels
+        mid = max(int(round(out_dim * ratio)), 8)
+        blocks = [Bottleneck(cin, out_dim, mid, stride=2)] + [Bottleneck(out_dim, out_dim, mid)
+                                                              for _ in range(num_blocks - 1)]
         self.blocks = nn.Sequential(*blocks)
 
     def forward(self, features: Sequence[torch.Tensor], extra: torch.Tensor | None = None) -> torch.Tensor:
@@ -96,20 +111,23 @@ class OCBE(nn.Module):
 class Decoder(nn.Module):
     """The student: mirrors the encoder from the stride-32 code back to levels 3, 2, 1 (strides 16, 8, 4).
 
-    Each level is one up-sampling bottleneck plus ``num_blocks − 1`` plain ones; its output has exactly the
-    encoder's channels at that level and is compared to it directly. The bottleneck inner width is
-    ``decoder_ratio · C_l`` (RD4AD: 0.25). ``relu_output=False`` drops the ReLU after each level's last block, for
-    teachers whose features are signed (EfficientNet's linear bottlenecks: about half the values are negative,
-    which a ReLU output could never reproduce); WideResNet's features are post-ReLU, as RD4AD's decoder outputs.
+    Each level is one up-sampling bottleneck plus plain ones, ``num_blocks`` in all: an int for every level or one
+    count per level, deepest first (RD4AD's ``de_wide_resnet50_2``: 3, 4, 6). Its output has exactly the encoder's
+    channels at that level and is compared to it directly. The bottleneck inner width is ``ratio · C_l`` (RD4AD's
+    WideResNet decoder: 0.5, from ``width_per_group = 128``). ``relu_output=False`` drops the ReLU after each
+    level's last block, for teachers whose features are signed (EfficientNet's linear bottlenecks: about half the
+    values are negative, which a ReLU output could never reproduce); WideResNet's features are post-ReLU, as RD4AD's
+    decoder outputs.
     """
 
-    def __init__(self, channels: Sequence[int], in_dim: int, num_blocks: int = 1, ratio: float = 1.0,
+    def __init__(self, channels: Sequence[int], in_dim: int, num_blocks: int | Sequence[int] = 1, ratio: float = 1.0,
                  relu_output: bool = True):
         super().__init__()
+        counts = [num_blocks] * len(channels) if isinstance(num_blocks, int) else list(num_blocks)
         stages, cin = [], in_dim
-        for c in reversed(list(channels)):
+        for c, n in zip(reversed(list(channels)), counts):
             mid = max(int(round(c * ratio)), 8)
-            blocks = [Bottleneck(cin, c, mid, up=True)] + [Bottleneck(c, c, mid) for _ in range(num_blocks - 1)]
+            blocks = [Bottleneck(cin, c, mid, up=True)] + [Bottleneck(c, c, mid) for _ in range(n - 1)]
             blocks[-1].relu = relu_output
             stages.append(nn.Sequential(*blocks))
             cin = c
@@ -152,38 +170,49 @@ class ReverseDistillation(AnomalyModel):
     """Frozen encoder + OCBE + decoder; plain RD4AD training and scoring, meant to be subclassed.
 
     Args:
-        backbone: ``"efficientnet_lite0"`` (offline ImageNet weights) or ``"wide_resnet50_2"`` (needs
-            ``weights_path`` or the torchvision file in the torch hub cache).
+        backbone: ``"efficientnet_lite0"`` (offline ImageNet weights) or ``"wide_resnet50_2"`` (``weights_path``,
+            the torch hub cache, or torchvision's download).
         weights_path: the backbone's weights file, if not the default.
-        pretrained: False gives a randomly initialised encoder (tests only).
-        ocbe_width: channels each level is projected to in the OCBE (default C3, the deepest level's width).
+        pretrained: False gives a randomly initialised encoder (tests only; it warns).
+        ocbe_width: None: RD4AD's OCBE (levels brought to C3, level 3 passed through); an int: every level squeezed
+            to that width first (DMAD's image model: 64). See :class:`OCBE`.
         bottleneck_dim: channels of the stride-32 code (default 2·C3, as RD4AD's 2048 for WideResNet's 1024).
         ocbe_blocks: bottleneck blocks in the OCBE (RD4AD: 3).
-        decoder_blocks: bottleneck blocks per decoder level (RD4AD's WideResNet decoder: 3, 4, 6).
-        decoder_ratio: decoder bottleneck inner width as a fraction of the level's channels (RD4AD: 0.25).
+        ocbe_ratio: OCBE bottleneck inner width as a fraction of ``bottleneck_dim`` (RD4AD: 0.5, i.e. 1024).
+        decoder_blocks: bottleneck blocks per decoder level, an int or one per level deepest first (RD4AD: 3, 4, 6).
+        decoder_ratio: decoder bottleneck inner width as a fraction of the level's channels (RD4AD: 0.5).
         extra_level3: the OCBE also takes a full-width (C3) tensor at stride 16 beside the three levels (DMAD's
             vector-quantised level 3), passed as ``extra`` to :meth:`student`.
     """
 
     def __init__(self, backbone: str = "efficientnet_lite0", weights_path: str | None = None, pretrained: bool = True,
                  ocbe_width: int | None = None, bottleneck_dim: int | None = None, ocbe_blocks: int = 1,
-                 decoder_blocks: int = 1, decoder_ratio: float = 1.0, extra_level3: bool = False):
+                 ocbe_ratio: float = 0.25, decoder_blocks: int | Sequence[int] = 1, decoder_ratio: float = 1.0,
+                 extra_level3: bool = False):
         super().__init__()
-        for name, value in [("ocbe_blocks", ocbe_blocks), ("decoder_blocks", decoder_blocks)]:
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if not (isinstance(decoder_ratio, (int, float)) and decoder_ratio > 0):
-            raise ValueError(f"decoder_ratio must be a positive number, got {decoder_ratio!r}")
+        positive = lambda n: isinstance(n, int) and not isinstance(n, bool) and n >= 1  # noqa: E731
+        if not positive(ocbe_blocks):
+            raise ValueError(f"ocbe_blocks must be a positive int, got {ocbe_blocks!r}")
+        counts = [decoder_blocks] * 3 if positive(decoder_blocks) else decoder_blocks
+        if not (isinstance(counts, (list, tuple)) and len(counts) == 3 and all(positive(n) for n in counts)):
+            raise ValueError(f"decoder_blocks must be a positive int or three (deepest level first), "
+                             f"got {decoder_blocks!r}")
+        for name, value in [("ocbe_ratio", ocbe_ratio), ("decoder_ratio", decoder_ratio)]:
+            if isinstance(value, bool) or not (isinstance(value, (int, float)) and value > 0):
+                raise ValueError(f"{name} must be a positive number, got {value!r}")
+        if ocbe_width is not None and (isinstance(ocbe_width, bool) or not isinstance(ocbe_width, int)
+                                       or ocbe_width < 1):
+            raise ValueError(f"ocbe_width must be None or a positive int, got {ocbe_width!r}")
         self.encoder = create_backbone(backbone, pretrained=pretrained, weights_path=weights_path)
         self.encoder.eval()
         for p in self.encoder.parameters():
             p.requires_grad_(False)
         self.channels = list(self.encoder.channels)
         c3 = self.channels[-1]
-        self.ocbe = OCBE(self.channels, ocbe_width or c3, bottleneck_dim or 2 * c3, ocbe_blocks,
-                         extra_channels=c3 if extra_level3 else 0)
+        self.ocbe = OCBE(self.channels, ocbe_width, bottleneck_dim or 2 * c3, ocbe_blocks,
+                         extra_channels=c3 if extra_level3 else 0, ratio=ocbe_ratio)
         # WideResNet taps follow a ReLU; EfficientNet-Lite0's are linear-bottleneck outputs of either sign.
-        self.decoder = Decoder(self.channels, bottleneck_dim or 2 * c3, decoder_blocks, decoder_ratio,
+        self.decoder = Decoder(self.channels, bottleneck_dim or 2 * c3, tuple(counts), decoder_ratio,
                                relu_output=backbone.startswith("wide_resnet"))
 
     def train(self, mode: bool = True):
