@@ -71,7 +71,8 @@ def anomaly_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sigma: 
         ValueError: wrong ranks or shapes, N != grid_h * grid_w, mismatched devices or dtypes, non-positive or
             non-finite sigma, an unknown backend, or a Triton backend that cannot run on these tensors.
     """
-    grid = check_anomaly_attention_inputs(q, k, v, sigma, grid_hw, eps)
+    # The value check (sigma > 0) reads tensor data, which an ONNX export cannot trace; shapes are still checked.
+    grid = check_anomaly_attention_inputs(q, k, v, sigma, grid_hw, eps, check_values=not torch.compiler.is_exporting())
     if resolve_backend(backend, q.device, q.dtype) == "torch":
         return reference.anomaly_attention_ref(q, k, v, sigma, grid, eps)
     mod = _kernel_module("anomaly_attention")
