@@ -10,6 +10,7 @@ The public surface::
 from __future__ import annotations
 
 from . import metrics, notebook
+from .artifact import load, save
 from .data import list_categories, load_dataset
 from .evaluation import evaluate
 from .experiment import ExperimentResult, run_experiment
@@ -33,5 +34,6 @@ def __getattr__(name):
 __all__ = [
     "AnomalyModel", "AnomalyOutput", "ExperimentResult", "NonFiniteLossError", "Recipe", "create_model", "evaluate",
     "fit", "get_recipe",
-    "list_categories", "list_models", "load_dataset", "register_model", "run_experiment", "seed_everything",
+    "list_categories", "list_models", "load", "load_dataset", "register_model", "run_experiment", "save",
+    "seed_everything",
 ]

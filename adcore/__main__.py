@@ -64,6 +64,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--out", default=None, help="output folder; the HTML lands in OUT/_build/html (default: book)")
     b.add_argument("--no-run", action="store_true", help="reuse finished runs only; fail if one is missing")
     b.add_argument("--no-build", action="store_true", help="stage the sources but do not call jupyter-book")
+    from .deploy.cli import add_commands  # train, predict, export
+    add_commands(sub)
     return p
 
 
@@ -152,6 +154,8 @@ def main(argv=None) -> int:
     from .notebook import ParameterError
 
     try:
+        if hasattr(args, "handler"):
+            return args.handler(args)
         return _run(args) if args.command == "run" else _book(args)
     except (ParameterError, ValueError, RuntimeError) as e:
         # bad parameter files, missing data roots, failed builds: one clear line, no traceback
