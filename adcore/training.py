@@ -45,13 +45,18 @@ def _epoch_seed(seed: int, stage_index: int, epoch: int) -> int:
 
 
 def _rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+    # NumPy's key array as a tensor, so that checkpoints load with torch.load(weights_only=True) (no pickled arrays)
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": random.getstate(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos),
+                                                   int(has_gauss), float(cached)),
+            "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
 def _set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, np.asarray(keys).astype(np.uint32), *rest))
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -136,7 +141,8 @@ def fit(model: AnomalyModel, train_data, *, num_epochs=None, lr: float | None = 
     history: list[dict] = []
     start_stage, start_epoch, state = 0, 0, None
     if resume and ckpt_path.exists():
-        state = torch.load(ckpt_path, map_location=device, weights_only=False)
+        from .artifact import load_plain  # weights_only: a shared checkpoint must not run code when loaded
+        state = load_plain(ckpt_path, "checkpoint")
         if state.get("model_name") != getattr(model, "model_name", None):
             raise ValueError(f"checkpoint {ckpt_path} belongs to model {state.get('model_name')!r}, "
                              f"not {getattr(model, 'model_name', None)!r}")
