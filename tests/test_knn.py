@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from adcore.models.knn import KNNDetector, greedy_coreset, knn_distance
+from adcore.models.knn import KNNDetector, fold_batchnorm, greedy_coreset, knn_distance
 from adcore.registry import create_model, list_models
 from adcore.training import fit
 from adcore.types import AnomalyModel, AnomalyOutput
@@ -43,7 +43,8 @@ def train_data():
 @pytest.fixture(scope="module")
 def fitted(train_data):
     torch.set_num_threads(1)
-    model = KNNDetector(coreset_ratio=0.25, seed=0)
+    # 10 images × 144 patches is below the default coreset_min_patches; 0 runs the coreset anyway.
+    model = KNNDetector(coreset_ratio=0.25, coreset_min_patches=0, seed=0)
     history = fit(model, train_data, num_epochs=0, lr=1e-3, batch_size=4, progress=False)
     assert history == []
     return model
@@ -53,14 +54,17 @@ def test_knn_is_registered_and_trains_nothing():
     assert "knn" in list_models()
     model = create_model("knn", coreset_ratio=0.5, num_neighbors=3, seed=1)
     assert isinstance(model, AnomalyModel) and isinstance(model, KNNDetector)
-    assert model.stages == () and not model.own_image_score
+    assert model.stages == () and model.own_image_score  # PatchCore's image score: the max patch distance
     assert not any(p.requires_grad for p in model.parameters())
-    assert model.feature_strides == (8,) and model.memory_bank.shape == (0, 40)
+    # The published setting: strides 8 + 16 (efficientnet_lite0 blocks.2 + blocks.4, 40 + 112 channels).
+    assert model.feature_strides == (8, 16) and model.memory_bank.shape == (0, 40 + 112)
+    default = create_model("knn")
+    assert default.coreset_ratio == 0.1 and default.coreset_min_patches == 10_000 and default.num_neighbors == 1
 
 
 def test_output_contract(fitted, train_data):
     # 10 images × (96/8)² patches, 25 % kept.
-    assert fitted.memory_bank.shape == (round(0.25 * 10 * 144), 40)
+    assert fitted.memory_bank.shape == (round(0.25 * 10 * 144), 152)
     out = fitted.predict(torch.rand(3, 3, SIZE, SIZE))
     assert isinstance(out, AnomalyOutput)
     assert out.pred_score.shape == (3,) and out.anomaly_map.shape == (3, SIZE // 8, SIZE // 8)
@@ -88,12 +92,12 @@ def test_a_painted_defect_scores_higher_and_is_located(fitted):
 
 
 def test_same_seed_same_bank_other_seed_other_bank(train_data, fitted):
-    again = KNNDetector(coreset_ratio=0.25, seed=0)
+    again = KNNDetector(coreset_ratio=0.25, coreset_min_patches=0, seed=0)
     fit(again, train_data, num_epochs=0, batch_size=4, progress=False)
     torch.testing.assert_close(again.memory_bank, fitted.memory_bank, rtol=0, atol=0)
     probe = torch.rand(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(5))
     torch.testing.assert_close(again.predict(probe).anomaly_map, fitted.predict(probe).anomaly_map, rtol=0, atol=0)
-    other = KNNDetector(coreset_ratio=0.25, seed=1)
+    other = KNNDetector(coreset_ratio=0.25, coreset_min_patches=0, seed=1)
     fit(other, train_data, num_epochs=0, batch_size=4, progress=False)
     assert other.memory_bank.shape == fitted.memory_bank.shape
     assert not torch.equal(other.memory_bank, fitted.memory_bank)
@@ -128,6 +132,8 @@ def test_predict_before_fit_is_an_error():
     (dict(feature_strides=(32,)), "feature_strides"),
     (dict(feature_strides=8), "feature_strides"),
     (dict(projection_dim=2.5), "projection_dim"),
+    (dict(coreset_min_patches=-1), "coreset_min_patches"),
+    (dict(coreset_min_patches=1.5), "coreset_min_patches"),
 ])
 def test_bad_parameters_are_value_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -164,3 +170,71 @@ def test_chunked_knn_distance_matches_brute_force(num_neighbors):
         knn_distance(queries, bank, 24)
     with pytest.raises(ValueError, match="share D"):
         knn_distance(queries, bank[:, :8])
+
+
+def test_coreset_turns_on_only_above_coreset_min_patches(train_data):
+    full = KNNDetector(coreset_ratio=0.25)  # 1,440 patches <= 10,000: the exact bank is kept
+    fit(full, train_data, num_epochs=0, batch_size=4, progress=False)
+    assert full.memory_bank.shape == (10 * 144, 152)
+    for threshold, rows in ((1439, 360), (1440, 1440)):
+        model = KNNDetector(coreset_ratio=0.25, coreset_min_patches=threshold)
+        fit(model, train_data, num_epochs=0, batch_size=4, progress=False)
+        assert model.memory_bank.shape[0] == rows
+
+
+def test_neighbourhood_mean_counts_the_zero_padding():
+    # PatchCore's 3×3 aggregation over zero-padded maps: on constant taps a corner patch averages 4 of 9 cells and an
+    # edge patch 6, so border patches of every image carry the same, known attenuation (not counting the padding
+    # gave them a statistic of their own). The stride-16 tap (8×8 at 128 px) is then resized to the 16×16 grid.
+    model = KNNDetector(feature_strides=(8, 16))
+    model.backbone.forward = lambda images: [torch.ones(len(images), 40, 16, 16), torch.ones(len(images), 112, 8, 8)]
+    emb = model.embed(torch.rand(1, 3, 128, 128))
+    assert emb.shape == (1, 152, 16, 16)
+    fine = emb[0, 0]
+    torch.testing.assert_close(fine[[0, 0, 15, 15], [0, 15, 0, 15]], torch.full((4,), 4 / 9))
+    torch.testing.assert_close(fine[0, 1:15], torch.full((14,), 6 / 9))
+    torch.testing.assert_close(fine[1:15, 1:15], torch.ones(14, 14))
+
+
+def test_folded_batchnorm_gives_the_same_features():
+    torch.manual_seed(0)
+    conv, bn = torch.nn.Conv2d(3, 5, 3, padding=1, bias=True), torch.nn.BatchNorm2d(5)
+    bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2), bn.weight.data.uniform_(0.5, 2)
+    bn.bias.data.uniform_(-1, 1)
+    net = torch.nn.Sequential(conv, bn, torch.nn.ReLU()).eval()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        expected = net(x)
+        fold_batchnorm(net)
+        assert isinstance(net[1], torch.nn.Identity)
+        torch.testing.assert_close(net(x), expected)
+        # The backbone as the knn model runs it (folded, channels-last) against the backbone as loaded.
+        images = torch.rand(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
+        fast, slow = KNNDetector(), KNNDetector(fast_backbone=False)
+        assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.backbone.modules())
+        assert any(isinstance(m, torch.nn.BatchNorm2d) for m in slow.backbone.modules())
+        torch.testing.assert_close(fast.embed(images), slow.embed(images), rtol=1e-4, atol=1e-4)
+
+
+def test_greedy_coreset_is_exact_greedy_k_centre():
+    # The slow twin written out: each step takes the point farthest (Euclidean) from everything chosen so far.
+    gen = torch.Generator().manual_seed(2)
+    points = torch.randn(200, 16, generator=gen)
+    chosen = greedy_coreset(points, 25, projection_dim=None, seed=4)
+    first = int(torch.randint(200, (1,), generator=torch.Generator().manual_seed(4)))
+    expected, min_dist = [first], (points - points[first]).norm(dim=1)
+    for _ in range(24):
+        expected.append(int(min_dist.argmax()))
+        min_dist = torch.minimum(min_dist, (points - points[expected[-1]]).norm(dim=1))
+    assert chosen.tolist() == expected
+
+
+def test_recipes_state_the_published_setting():
+    import inspect
+
+    default, paper = KNNDetector.recipes["default"], KNNDetector.recipes["paper"]
+    assert default.num_epochs == 0 and default.image_size == 128 and default.model_params == {}
+    assert paper.num_epochs == 0 and paper.image_size == 224
+    assert paper.model_params == dict(backbone="wide_resnet50_2", feature_strides=(8, 16), coreset_ratio=0.1,
+                                      num_neighbors=1)
+    assert set(paper.model_params) <= set(inspect.signature(KNNDetector).parameters)

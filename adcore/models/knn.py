@@ -1,36 +1,74 @@
-"""The pretrained-feature nearest-neighbour baseline that anchors every comparison in the book.
+"""PatchCore as published: the pretrained-feature nearest-neighbour baseline that anchors every comparison in the book.
 
-A PatchCore-style detector (Roth et al., "Towards Total Recall in Industrial Anomaly Detection", CVPR 2022), kept to
-its core: no training, only a memory bank of normal patch features.
+Roth et al., "Towards Total Recall in Industrial Anomaly Detection", CVPR 2022 (arXiv 2106.08265), and its reference
+code (amazon-science/patchcore-inspection, ``src/patchcore/patchcore.py``), with its released setting
+``IM224_WR50_L2-3_P01_D1024-1024_PS-3_AN-1`` (224 px, layer2 + layer3, 10 % coreset, 3×3 patches, 1 neighbour). No
+training: a memory bank of normal patch features.
 
-1. Features: taps of the frozen ImageNet backbone at ``feature_strides``, each averaged over its 3×3 neighbourhood
-   (PatchCore's local patch aggregation), resized bilinearly to the stride-8 grid and concatenated. PatchCore
-   takes strides 8 and 16 (wide_resnet50_2 layer2 + layer3 at 224 px); the default here is stride 8 alone
-   (efficientnet_lite0: 40 channels), because at 128 px the stride-16 grid is 8×8 and blurs small defects. On the
-   ``textures`` benchmark (v3, 128 px, 10 % coreset, seed 0; mean of brick, grass, gravel) stride 8 alone scores image
-   AUROC 0.812, pixel AUROC 0.861, AUPRO 0.610, against 0.792, 0.821, 0.508 for strides (8, 16); strides (4, 8)
-   (stride 4 averaged down to the stride-8 grid) score 0.771, 0.889, 0.678: better maps, worse image scores.
-   Said plainly: this default was picked after seeing those test numbers, so the baseline's ``textures`` numbers are
-   test-informed (optimistic). It makes the bar the paper models must clear higher, not lower.
-2. Memory bank: every patch of every training image, reduced by greedy k-centre coreset selection (default 10 %),
-   with distances measured after a seeded Gaussian random projection to 128 dimensions, as PatchCore does.
-3. Anomaly map: each test patch's distance to its nearest bank entry (mean over ``num_neighbors`` nearest), at
-   stride 8. Image score: the max of the map. PatchCore's neighbourhood re-weighting of the image score is left out.
+1. Features: the backbone's mid-level taps at strides 8 and 16 (wide_resnet50_2 layer2 + layer3; for
+   efficientnet_lite0 the analogue is timm ``blocks.2`` + ``blocks.4``, 40 + 112 channels). Each tap is averaged over
+   its 3×3 neighbourhood at its own resolution with the zero padding counted (the reference code unfolds 3×3 patches
+   with zero padding and averages them), then the stride-16 map is resized bilinearly (``align_corners=False``, as
+   the reference code and anomalib do) to the stride-8 grid and the two are concatenated. The reference code further
+   averages each layer's flattened C×3×3 patch down to 1024 numbers and the concatenation to 1024; with
+   efficientnet_lite0's 152 channels there is nothing to reduce, so that step is left out.
+2. Memory bank: every patch of every training image. Once the bank exceeds ``coreset_min_patches`` (10,000 patches,
+   about 40 images at 128 px) it is reduced by greedy k-centre coreset selection to ``coreset_ratio`` (10 %) of its
+   patches, with distances measured after a seeded Gaussian random projection to 128 dimensions, as the paper does.
+   Below that size the exact search over the full bank is cheap and subsampling would only lose normal patches.
+3. Anomaly map: each test patch's Euclidean distance to its exact nearest bank entry (mean over ``num_neighbors``,
+   default 1), on the stride-8 grid. Image score (``own_image_score``): the max patch distance, as the reference code
+   scores (``PatchMaker.score``; its released runs use one neighbour, so the paper's re-weighting does not apply).
+
+Changed from the earlier default, said plainly: the book's ``knn`` used stride 8 alone, a choice made after looking
+at ``textures`` test numbers, and averaged with ``count_include_pad=False``, which made border patches of *good*
+images look anomalous (the maximum of 83–100 % of good test images lay within 8 px of the border). Both are replaced
+by the published setting above; ``tests/benchmarks/bench_knn_anomalib.py`` compares it with anomalib's Patchcore.
 
 Fast paths and their slow twins: ``projection_dim=None`` runs the coreset on exact distances; ``chunk_size=None``
-computes all nearest-neighbour distances in one ``torch.cdist``.
+computes all nearest-neighbour distances in one ``torch.cdist``; ``fast_backbone=False`` runs the backbone without
+folded BatchNorms and channels-last memory.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ..backbones import create_backbone
+from ..recipes import Recipe
 from ..registry import register_model
 from ..types import AnomalyModel, AnomalyOutput
 
 # Tap index of each stride in each backbone's own numbering (see adcore.backbones.create_backbone).
 _TAP_INDEX = {"efficientnet_lite0": {4: 1, 8: 2, 16: 3}, "wide_resnet50_2": {4: 0, 8: 1, 16: 2}}
+
+
+@torch.no_grad()
+def fold_batchnorm(module: nn.Module) -> nn.Module:
+    """Fold every eval-mode BatchNorm into the convolution registered just before it, in place; returns ``module``.
+
+    A frozen BatchNorm is a per-channel affine map, so ``bn(conv(x))`` equals one convolution with scaled weights and
+    a bias: one pass over each activation map fewer (about 25 % of the frozen backbone's CPU time). The pairs are
+    found by registration order (conv, then its BatchNorm, as in timm's EfficientNet blocks and torchvision's
+    ResNets); a timm ``BatchNormAct2d`` keeps its activation. Results change only by float rounding.
+    """
+    for parent in list(module.modules()):
+        names = list(parent._modules)
+        for conv_name, bn_name in zip(names, names[1:]):
+            conv, bn = parent._modules[conv_name], parent._modules[bn_name]
+            if not (isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)) or bn.training \
+                    or bn.running_var is None or bn.num_features != conv.out_channels:
+                continue
+            scale = (bn.weight if bn.affine else 1) / torch.sqrt(bn.running_var + bn.eps)  # (C,)
+            shift = (bn.bias if bn.affine else 0) - bn.running_mean * scale
+            if conv.bias is not None:
+                shift = shift + conv.bias * scale
+            conv.weight = nn.Parameter(conv.weight * scale.view(-1, 1, 1, 1), requires_grad=False)
+            conv.bias = nn.Parameter(shift, requires_grad=False)
+            # timm's BatchNormAct2d applies drop (identity in eval) and its activation after the affine map.
+            parent._modules[bn_name] = nn.Sequential(bn.drop, bn.act) if hasattr(bn, "act") else nn.Identity()
+    return module
 
 
 def greedy_coreset(features: torch.Tensor, num_samples: int, *, projection_dim: int | None = 128,
@@ -61,28 +99,36 @@ def greedy_coreset(features: torch.Tensor, num_samples: int, *, projection_dim: 
         # Johnson-Lindenstrauss: a (D, d) Gaussian matrix scaled by 1/sqrt(d) keeps distances in expectation.
         proj = torch.randn(points.shape[1], projection_dim, generator=gen) / projection_dim ** 0.5
         points = points @ proj.to(points.device)
-    # Squared distances through |p|² + |c|² - 2 p·c: one mat-vec per step instead of an (N, d) difference tensor.
-    sq_norms = (points * points).sum(dim=1)  # (N,)
+    # Squared distances as one vector-matrix product per step: [p, |p|², 1] · [-2c, 1, |c|²] = |p - c|². The points
+    # are stored feature-major, (d + 2, N), so the product streams contiguous rows of length N; on one CPU thread that
+    # is about 4× faster than an (N, d) mat-vec followed by four elementwise passes.
+    sq_norms = (points * points).sum(dim=1, keepdim=True)  # (N, 1)
+    ones = torch.ones_like(sq_norms)
+    lifted = torch.cat([points, sq_norms, ones], dim=1).t().contiguous()  # (d + 2, N)
+    centres = torch.cat([-2 * points, ones, sq_norms], dim=1)  # (N, d + 2): row c is point c as a centre
+    del points
     chosen = torch.empty(num_samples, dtype=torch.long)
     nxt = int(torch.randint(n, (1,), generator=gen))
-    min_dist = torch.full_like(sq_norms, float("inf"))  # (N,) squared distance to the chosen set
+    min_dist = torch.full((n,), float("inf"), device=lifted.device)  # (N,) squared distance to the chosen set
     for i in range(num_samples):
         chosen[i] = nxt
-        dist = (sq_norms + sq_norms[nxt] - 2 * (points @ points[nxt])).clamp_min_(0)
-        min_dist = torch.minimum(min_dist, dist)
+        torch.minimum(min_dist, centres[nxt] @ lifted, out=min_dist)
         nxt = int(torch.argmax(min_dist))
     return chosen.to(features.device)
 
 
 def knn_distance(queries: torch.Tensor, bank: torch.Tensor, num_neighbors: int = 1,
-                 chunk_size: int | None = 4096) -> torch.Tensor:
-    """Mean Euclidean distance from each query to its ``num_neighbors`` nearest rows of ``bank``.
+                 chunk_size: int | None = 256) -> torch.Tensor:
+    """Mean Euclidean distance from each query to its ``num_neighbors`` nearest rows of ``bank`` (exact search).
 
     Args:
         queries: (M, D).
         bank: (K, D).
         num_neighbors: 1..K.
-        chunk_size: queries per ``torch.cdist`` call, so memory stays at chunk_size × K floats; None does one call.
+        chunk_size: queries per block. Each block's squared distances come from one matrix product,
+            |q|² + |b|² - 2 q·b, in chunk_size × K floats; 256 keeps the block of a 2048-entry bank in a CPU's L2
+            cache, which made the search 2-3× faster than 4096-query ``torch.cdist`` calls on one thread. None
+            computes every distance in one ``torch.cdist`` call (the slow twin).
 
     Returns:
         (M,) distances.
@@ -92,29 +138,27 @@ def knn_distance(queries: torch.Tensor, bank: torch.Tensor, num_neighbors: int =
                          f"{tuple(bank.shape)}")
     if not 1 <= num_neighbors <= bank.shape[0]:
         raise ValueError(f"num_neighbors must be in 1..{bank.shape[0]} (the memory bank size), got {num_neighbors}")
-    if chunk_size is None or torch.compiler.is_exporting():
-        # one call; also what an exported ONNX graph holds (a Python loop over a dynamic batch cannot be exported)
-        return _nearest_mean(queries, bank, num_neighbors)
-    out = [_nearest_mean(queries[start:start + chunk_size], bank, num_neighbors)
-           for start in range(0, queries.shape[0], chunk_size)]
-    return torch.cat(out) if out else queries.new_zeros(0)
-
-
-def _nearest_mean(queries: torch.Tensor, bank: torch.Tensor, num_neighbors: int) -> torch.Tensor:
-    """(m, D) queries, (K, D) bank → (m,) mean exact Euclidean distance to the ``num_neighbors`` nearest bank rows.
-
-    ``torch.cdist``'s fast form sqrt(|q|² + |b|² − 2 q·b) loses small distances to cancellation in float32 (up to
-    0.3 % of the map's range on ``textures``, and differently in every runtime, e.g. ONNX Runtime), so it only
-    shortlists ``num_neighbors + 7`` candidates, whose distances are then computed directly as |q − b|.
-    """
-    shortlist = torch.cdist(queries, bank).topk(min(num_neighbors + 7, bank.shape[0]), dim=1, largest=False).indices
-    exact = (queries[:, None, :] - bank[shortlist]).norm(dim=-1)  # (m, c)
-    return exact.topk(num_neighbors, dim=1, largest=False).values.mean(dim=1)
+    if queries.shape[0] == 0:
+        return queries.new_zeros(0)
+    if chunk_size is None:
+        return torch.cdist(queries, bank).topk(num_neighbors, dim=1, largest=False).values.mean(dim=1)
+    bank_sq = (bank * bank).sum(dim=1)  # (K,)
+    bank_t = bank.t().contiguous()  # (D, K)
+    out = []
+    # one block when exporting to ONNX: a loop over a dynamic batch cannot be exported (the arithmetic is the same)
+    for q in ([queries] if torch.compiler.is_exporting() else queries.split(chunk_size)):  # (m, D)
+        # |b|² - 2 q·b orders the bank like |q - b|² does: |q|² is the same along a row, so it is added after the
+        # selection, to k numbers per query instead of K.
+        partial = torch.addmm(bank_sq, q, bank_t, alpha=-2)  # (m, K)
+        near = partial.amin(dim=1, keepdim=True) if num_neighbors == 1 else \
+            partial.topk(num_neighbors, dim=1, largest=False).values  # (m, k)
+        out.append((near + (q * q).sum(dim=1, keepdim=True)).clamp_min_(0).sqrt_().mean(dim=1))
+    return torch.cat(out)
 
 
 @register_model("knn")
 class KNNDetector(AnomalyModel):
-    """Nearest-neighbour distance to a coreset of normal patch features (PatchCore without its re-weighting).
+    """PatchCore: exact nearest-neighbour distance to a coreset of normal patch features.
 
     ``stages = ()``: ``adcore.fit(model, train_data, num_epochs=0)`` only builds the memory bank (in
     :meth:`on_fit_end`).
@@ -123,19 +167,36 @@ class KNNDetector(AnomalyModel):
         backbone: ``"efficientnet_lite0"`` (weights ship with a pip package) or ``"wide_resnet50_2"``.
         weights_path: the backbone's weights file, if not at its default location.
         feature_strides: which backbone taps to use, increasing, from (4, 8, 16); all are resized to stride 8.
-            PatchCore's choice is (8, 16).
+            PatchCore's (8, 16) is the default.
         coreset_ratio: fraction of training patches kept in the memory bank, in (0, 1]; 1 keeps them all.
+        coreset_min_patches: the coreset is used only when the training patches number more than this; 0 always
+            uses it.
         num_neighbors: nearest bank entries averaged per test patch.
         seed: seeds the coreset's random projection and first point.
         projection_dim: dimensions for coreset distances; None uses the full feature space.
-        chunk_size: test patches per distance computation; None does them all at once.
+        chunk_size: test patches per distance computation; None does them all at once with ``torch.cdist``.
+        fast_backbone: fold the frozen BatchNorms into their convolutions and run channels-last (about 40 % less
+            backbone time on one CPU thread, features equal to float rounding); False runs the backbone as loaded.
     """
 
     stages = ()
+    own_image_score = True  # the max raw patch distance, PatchCore's image score
+    recipes = {
+        "default": Recipe(num_epochs=0, lr=1e-3, batch_size=32, image_size=128, source=(
+            "constructor defaults = the PatchCore paper's setting on efficientnet_lite0 (strides 8 + 16, 10 % "
+            "coreset, 1 neighbour) at the book's 128 px; lr and batch_size do not change a model that trains "
+            "nothing (Recipe needs a positive lr)")),
+        "paper": Recipe(num_epochs=0, lr=1e-3, batch_size=2, image_size=224, model_params=dict(
+            backbone="wide_resnet50_2", feature_strides=(8, 16), coreset_ratio=0.1, num_neighbors=1), source=(
+            "Roth et al. CVPR 2022 and amazon-science/patchcore-inspection bin/run_patchcore.py, released run "
+            "IM224_WR50_L2-3_P01_D1024-1024_PS-3_AN-1: resize 256 + centre crop 224 (adcore resizes to 224, no "
+            "crop), layer2 + layer3, coreset 0.1, 1 neighbour, batch_size 2; lr unused")),
+    }
 
-    def __init__(self, backbone: str = "efficientnet_lite0", weights_path=None, feature_strides=(8,),
-                 coreset_ratio: float = 0.1, num_neighbors: int = 1, seed: int = 0, projection_dim: int | None = 128,
-                 chunk_size: int | None = 4096):
+    def __init__(self, backbone: str = "efficientnet_lite0", weights_path=None, feature_strides=(8, 16),
+                 coreset_ratio: float = 0.1, coreset_min_patches: int = 10_000, num_neighbors: int = 1,
+                 seed: int = 0, projection_dim: int | None = 128, chunk_size: int | None = 256,
+                 fast_backbone: bool = True):
         super().__init__()
         if backbone not in _TAP_INDEX:
             raise ValueError(f"knn backbone must be one of {tuple(_TAP_INDEX)}, got {backbone!r}")
@@ -145,6 +206,9 @@ class KNNDetector(AnomalyModel):
         if isinstance(coreset_ratio, bool) or not isinstance(coreset_ratio, (int, float)) \
                 or not 0 < coreset_ratio <= 1:
             raise ValueError(f"coreset_ratio must be a number in (0, 1], got {coreset_ratio!r}")
+        if isinstance(coreset_min_patches, bool) or not isinstance(coreset_min_patches, int) \
+                or coreset_min_patches < 0:
+            raise ValueError(f"coreset_min_patches must be a non-negative int, got {coreset_min_patches!r}")
         for pname, value in (("num_neighbors", num_neighbors), ("projection_dim", projection_dim),
                              ("chunk_size", chunk_size)):
             if value is None and pname != "num_neighbors":
@@ -155,8 +219,13 @@ class KNNDetector(AnomalyModel):
             raise ValueError(f"seed must be an int, got {seed!r}")
         self.backbone = create_backbone(backbone, pretrained=True, weights_path=weights_path,
                                         out_indices=[_TAP_INDEX[backbone][s] for s in strides])
+        self.fast_backbone = bool(fast_backbone)
+        if self.fast_backbone:
+            fold_batchnorm(self.backbone)
+            self.backbone.to(memory_format=torch.channels_last)
         self.feature_strides = strides
         self.coreset_ratio = float(coreset_ratio)
+        self.coreset_min_patches = coreset_min_patches
         self.num_neighbors = num_neighbors
         self.seed = seed
         self.projection_dim = projection_dim
@@ -167,8 +236,12 @@ class KNNDetector(AnomalyModel):
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Images (B, 3, S, S) in [0, 1] → patch features (B, D, S/8, S/8)."""
+        if self.fast_backbone:
+            images = images.contiguous(memory_format=torch.channels_last)
         feats = self.backbone(images)  # [(B, C_s, S/s, S/s) for s in feature_strides]
-        feats = [F.avg_pool2d(f, kernel_size=3, stride=1, padding=1, count_include_pad=False) for f in feats]
+        # 3×3 mean with the zero padding counted, as the reference code's zero-padded unfold. Not counting it gave
+        # border patches a statistic no interior patch has, and good images their maxima at the border.
+        feats = [F.avg_pool2d(f, kernel_size=3, stride=1, padding=1, count_include_pad=True) for f in feats]
         size = (images.shape[-2] // 8, images.shape[-1] // 8)  # the stride-8 grid, as PatchCore aligns to layer2
         feats = [f if f.shape[-2:] == size else F.interpolate(f, size=size, mode="bilinear", align_corners=False)
                  for f in feats]
@@ -186,7 +259,7 @@ class KNNDetector(AnomalyModel):
             raise ValueError("knn needs at least one training image to build its memory bank")
         patches = torch.cat(patches)  # (N·h·w, D)
         num_samples = max(1, round(self.coreset_ratio * patches.shape[0]))
-        if num_samples < patches.shape[0]:
+        if patches.shape[0] > self.coreset_min_patches and num_samples < patches.shape[0]:
             patches = patches[greedy_coreset(patches, num_samples, projection_dim=self.projection_dim,
                                              seed=self.seed)]
         self.memory_bank = patches.contiguous()
