@@ -15,11 +15,12 @@ import yaml
 
 from .batch import (DEFAULT_GRID, NOTEBOOKS_DIR, Run, _sha, execute_runs, is_done, load_grid, plan_runs,
                     resolve_notebooks, run_status, write_manifest)
+from .data.textures import default_cache_dir
 from .notebook import parse_parameters
 
 REPO = Path(__file__).resolve().parent.parent
 BOOK_DIR = Path("book")
-BOOK_CHAPTERS = ("data", "comparison", "kernels", "reproducibility")
+BOOK_CHAPTERS = ("data", "comparison", "shortcuts", "kernels", "reproducibility")
 
 
 def fetch_widget_js(dest, script=None) -> Path:
@@ -67,6 +68,20 @@ def _stage_notebook(src: Path, dest: Path) -> None:
             cell.source = _REPO_LINK.sub(lambda m: f"{m.group(1)} (`{m.group(3)}`)"
                                          if m.group(1).strip("`") != m.group(3) else f"`{m.group(3)}`", cell.source)
     nbformat.write(nb, str(dest))
+
+
+def _publish_paths(path: Path, roots) -> None:
+    """Rewrite the build machine's absolute paths in an executed notebook as paths relative to the folder they lie
+    in (the repository, the runs, the book's output, the data cache), so no published page prints them: papermill's
+    injected-parameters cell, printed output and saved widget state alike. Longest roots first, so a root inside
+    another wins."""
+    text = path.read_text()
+    for root in sorted({str(Path(r).resolve()) for r in roots if r}, key=len, reverse=True):
+        if len(Path(root).parts) < 3:  # never "/" or "/tmp" alone: that would rewrite unrelated text
+            continue
+        text = text.replace(root + "/", "")
+        text = re.sub(re.escape(root) + r"(?![\w.-])", ".", text)  # the root itself, e.g. repo_root = "."
+    path.write_text(text)
 
 
 def _stage_toc(toc: dict, available: set[str]) -> tuple[dict, list[str]]:
@@ -167,7 +182,7 @@ def build_book(*, grid=None, smoke: bool = False, notebooks=None, jobs: int = 1,
             st = run_status(r) or asdict(r)
             ok = st.get("status") == "ok" and Path(r.output).is_file()
             if ok and not is_done(r):
-                log(f"  {r.key}: the notebook changed since this run finished; using the older run (--no-run)")
+                log(f"  {r.key}: the notebook or --threads changed since this run finished; using the older run (--no-run)")
             statuses.append({**st, "status": "skipped" if ok else "missing"})
         missing = [s["key"] for s in statuses if s["status"] == "missing"]
         if missing:
@@ -211,6 +226,9 @@ def build_book(*, grid=None, smoke: bool = False, notebooks=None, jobs: int = 1,
     for c, st in zip(chapter_src, chapter_statuses):
         if Path(st["output"]).is_file():
             produced.add(f"chapters/{c}")
+    build_roots = (REPO, Path(runs_dir).resolve().parent, out_dir, default_cache_dir())
+    for page in list((stage / "papers").glob("*.ipynb")) + list((stage / "chapters").glob("*.ipynb")):
+        _publish_paths(page, build_roots)
 
     toc, dropped = _stage_toc(yaml.safe_load((book_dir / "_toc.yml").read_text()), produced)
     if dropped:

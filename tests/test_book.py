@@ -17,7 +17,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from adcore import batch, book
+from adcore import batch
+from adcore import book as book_builder
 
 pytestmark = pytest.mark.notebook
 
@@ -66,7 +67,7 @@ def book(tmp_path_factory):
     nb = stand_in_paper(tmp / "notebooks" / "standin.ipynb")
     grid = tmp / "grid.yaml"
     grid.write_text(f"notebooks: [{nb}]\nparams: [default]\n")
-    out = book.build_book(grid=grid, runs_dir=tmp / "runs", book_dir=REPO / "book", out_dir=tmp / "out",
+    out = book_builder.build_book(grid=grid, runs_dir=tmp / "runs", book_dir=REPO / "book", out_dir=tmp / "out",
                             chapters=("comparison",), progress=False)
     assert not out["failed"], [batch._describe_error(s) for s in out["failed"]]
     return out["html"], out["stage"]
