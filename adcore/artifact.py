@@ -101,10 +101,13 @@ def load_plain(path, what: str = "file") -> dict:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         # torch's weights-only unpickler stops at the first global it does not allow, before calling anything
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        blocked = [ln.strip() for ln in str(e).splitlines() if "GLOBAL" in ln]
+        if not blocked:  # not a pickle of anything: garbage bytes
+            raise ArtifactError(f"{what} {str(path)!r} is damaged or not a torch archive (UnpicklingError: "
+                                f"{[ln for ln in str(e).splitlines() if 'Unsupported' in ln][:1]})") from None
         raise ArtifactError(f"refused to load {what} {str(path)!r}: it holds Python objects other than tensors and "
                             f"plain data, which adcore never writes, and loading it could run code. Nothing in it was "
-                            f"run. Only load files from people you trust. ({first[:200]})") from None
+                            f"run. Only load files from people you trust. ({blocked[0][:200]})") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError, IndexError) as e:
         raise ArtifactError(f"{what} {str(path)!r} is damaged or not a torch archive ({type(e).__name__}: "
                             f"{str(e)[:200]})") from None

@@ -62,7 +62,7 @@ def fit_threshold(image_scores, map_maxima, map_minima, fpr: float = 0.01) -> di
         "value": quantile_threshold(scores, fpr),
         "pixel_value": quantile_threshold(maxima, fpr),
         "target_fpr": float(fpr),
-        "achievable_fpr": 1 - k / (n + 1),
+        "achievable_fpr": (n + 1 - k) / (n + 1),
         "n_holdout": n,
         "rank": k,
         "rule": "split-conformal: the ceil((n+1)(1-target_fpr))-th smallest held-out good score (the largest if n is "
