@@ -550,3 +550,15 @@ def test_foreground_masks():
         pa.foreground_mask(images, "edges")
     # AAND's list puts cable with bottle on the centred disk; its 'cabel' typo had cable skipped.
     assert pa.MVTEC_FOREGROUND["cable"] == pa.MVTEC_FOREGROUND["bottle"] == ("disk", 0)
+
+
+@pytest.mark.parametrize("name", ["dmad", "aand"])
+def test_the_constructor_defaults_are_the_default_recipe(name):
+    """``adcore.fit(adcore.create_model(name), data)`` trains the default recipe's model, not some other width."""
+    recipe = adcore.get_recipe(name, "default")
+    with pytest.warns(UserWarning, match="RANDOMLY"):
+        plain = adcore.create_model(name, pretrained=False)
+        listed = adcore.create_model(name, pretrained=False, **recipe.model_params)
+    shapes = lambda m: {k: tuple(v.shape) for k, v in m.state_dict().items()}  # noqa: E731
+    assert shapes(plain) == shapes(listed)
+    assert plain.stages == listed.stages
