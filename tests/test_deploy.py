@@ -343,3 +343,36 @@ def test_user_path_export_agrees_with_torch_on_the_textures_test_split(user_path
         decisions_o += (r["score_onnx"] > threshold).tolist()
     assert worst <= 1e-4, f"ONNX map differs from torch by {worst:.2e} of its range"
     assert decisions_t == decisions_o and len(decisions_t) == len(test)
+
+
+def test_train_resumes_after_an_interrupt_and_refuses_other_settings(tmp_path, monkeypatch, capsys):
+    import adcore.deploy.train as deploy_train
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "good").mkdir()
+    for i in range(10):
+        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(tmp_path / "good" / f"{i}.png")
+    tiny = {"image_size": 32, "embed_dim": 16, "depth": 1, "num_heads": 2, "num_epochs": 2, "batch_size": 4}
+    kw = dict(overrides=tiny, holdout=0.3, progress=False)
+    deploy_train.train("anovit", tmp_path / "good", tmp_path / "straight.pt", **kw)
+
+    real = deploy_train.score_images
+
+    def interrupted(*a, **k):  # training finished and was checkpointed; the threshold step is cut off
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(deploy_train, "score_images", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        deploy_train.train("anovit", tmp_path / "good", tmp_path / "resumed.pt", **kw)
+    assert (tmp_path / "resumed.pt.train" / "last.pt").exists() and not (tmp_path / "resumed.pt").exists()
+    monkeypatch.setattr(deploy_train, "score_images", real)
+    with pytest.raises(ValueError, match="other settings .*model_params.*--fresh"):
+        deploy_train.train("anovit", tmp_path / "good", tmp_path / "resumed.pt",
+                           **{**kw, "overrides": {**tiny, "embed_dim": 8}})
+    capsys.readouterr()
+    deploy_train.train("anovit", tmp_path / "good", tmp_path / "resumed.pt", **kw)
+    assert "resuming the interrupted training" in capsys.readouterr().out
+    a, b = (torch.load(tmp_path / f, weights_only=True) for f in ("straight.pt", "resumed.pt"))
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    assert a["threshold"]["holdout_scores"] == b["threshold"]["holdout_scores"]
