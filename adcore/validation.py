@@ -8,7 +8,9 @@ reproduces them). The number must not be read off test curves. This module gives
 2. paste one DRAEM-style pseudo-anomaly into a copy of every held-out image (:class:`PseudoAnomalySynthesizer`,
    whose foreign textures never come from the test defects' sources) and keep the clean copies as normals;
 3. train once on the fitting part and score the held-out set after every epoch in ``epochs`` (one run: the ViT models
-   use a constant learning rate, so the model after epoch e of a long run *is* the model of an e-epoch run);
+   use a constant learning rate, so the model after epoch e of a long run *is* the model of an e-epoch run). A
+   multi-stage model (AAND) runs its earlier stages for fixed counts (``fixed_epochs``) and the curve is over its
+   last stage, which must have a constant learning rate too;
 4. pick the epoch with the best mean pixel AUROC over categories (ties: fewer epochs), among those no larger than
    ``max_epochs``: the most a notebook can train within its CPU budget.
 
@@ -76,9 +78,12 @@ def split_train(train, holdout: int, seed: int = 0):
 
 def epoch_curve(model_name: str, *, model_params: dict | None = None, dataset: str = "textures", categories=None,
                 data_root=None, image_size: int = 64, epochs=(5, 10, 20, 30), lr: float = 1e-3, batch_size: int = 8,
-                seed: int = 0, holdout: int = 16, max_epochs: int | None = None, device="cpu",
-                progress: bool = True) -> dict:
+                seed: int = 0, holdout: int = 16, max_epochs: int | None = None, fixed_epochs: dict | None = None,
+                device="cpu", progress: bool = True) -> dict:
     """Validation pixel and image AUROC after each epoch in ``epochs``, per category, on synthetic anomalies.
+
+    For a multi-stage model ``fixed_epochs`` gives every stage before the last its epoch count (e.g. AAND's
+    ``{"amplify": 4}``); ``epochs`` then count the last stage's epochs.
 
     Returns ``{"model", "params", "epochs", "curves": {category: {epoch: {"pixel_auroc", "image_auroc"}}},
     "mean_pixel_auroc": {epoch: value}, "max_epochs", "chosen_epochs", "seconds"}``.
@@ -95,34 +100,41 @@ def epoch_curve(model_name: str, *, model_params: dict | None = None, dataset: s
         val = SyntheticValidationSet(held, seed=seed)
         curves[category] = {}
 
-        def score(model, stage, epoch, _category=category, _val=val):
-            if epoch in epochs:
+        seed_everything(seed)
+        model = create_model(model_name, **(model_params or {}))
+        last = _curve_stage(model, lr, fixed_epochs)
+
+        def score(model, stage, epoch, _category=category, _val=val, _last=last):
+            if stage == _last and epoch in epochs:
                 arrays = predict_dataset(model, _val, batch_size=batch_size, device=device)
                 curves[_category][epoch] = {
                     "pixel_auroc": round(float(pixel_auroc(arrays["maps"], arrays["masks"])), 4),
                     "image_auroc": round(float(image_auroc(arrays["labels"], arrays["map_scores"])), 4)}
 
-        seed_everything(seed)
-        model = create_model(model_name, **(model_params or {}))
-        _check_constant_schedule(model, lr)
-        fit(model, fitting, num_epochs=epochs[-1], lr=lr, batch_size=batch_size, seed=seed, device=device,
+        num_epochs = {**fixed_epochs, last: epochs[-1]} if fixed_epochs else epochs[-1]
+        fit(model, fitting, num_epochs=num_epochs, lr=lr, batch_size=batch_size, seed=seed, device=device,
             progress=progress, epoch_end=score)
     mean = {e: round(float(np.mean([curves[c][e]["pixel_auroc"] for c in categories])), 4) for e in epochs}
     return {"model": model_name, "params": {"model_params": model_params or {}, "dataset": str(dataset),
                                             "image_size": image_size, "lr": lr, "batch_size": batch_size,
-                                            "seed": seed, "holdout": holdout},
+                                            "seed": seed, "holdout": holdout, "fixed_epochs": fixed_epochs},
             "epochs": epochs, "curves": curves, "mean_pixel_auroc": mean, "max_epochs": max_epochs,
             "chosen_epochs": choose_epochs(mean, max_epochs),
             "seconds": round(time.perf_counter() - t0, 1)}
 
 
-def _check_constant_schedule(model, lr: float) -> None:
-    # One run scored at several epochs equals several runs only with one stage and no learning-rate schedule.
-    _, scheduler = model.configure_optimizers(model.stages[0], lr)
-    if len(model.stages) != 1 or scheduler is not None:
+def _curve_stage(model, lr: float, fixed_epochs: dict | None) -> str:
+    """The stage the curve runs over (the last); refuses what one run scored at several epochs cannot stand for."""
+    # One run scored at several epochs equals several runs only if that stage has no learning-rate schedule and every
+    # earlier stage trains for the same fixed count in all of them.
+    last, earlier = model.stages[-1], list(model.stages[:-1])
+    _, scheduler = model.configure_optimizers(last, lr)
+    if scheduler is not None or set(fixed_epochs or {}) != set(earlier):
         raise ValueError(f"epoch_curve scores one run at several epochs, which needs a single-stage model with a "
-                         f"constant learning rate; {model.model_name!r} has stages {list(model.stages)} and "
-                         f"{'a' if scheduler is not None else 'no'} scheduler")
+                         f"constant learning rate (or a constant rate in the last stage and fixed_epochs for every "
+                         f"earlier stage); {model.model_name!r} has stages {list(model.stages)}, fixed_epochs "
+                         f"{fixed_epochs} and {'a' if scheduler is not None else 'no'} scheduler in {last!r}")
+    return last
 
 
 def choose_epochs(mean_pixel_auroc: dict, max_epochs: int | None = None) -> int:
@@ -164,7 +176,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True, help="JSON file to write")
     args = parser.parse_args(argv)
     settings = yaml.safe_load(Path(args.params).read_text()) if args.params else {}
-    known = {"model_params", "dataset", "categories", "data_root", "image_size", "lr", "batch_size", "seed", "device"}
+    known = {"model_params", "dataset", "categories", "data_root", "image_size", "lr", "batch_size", "seed", "device",
+             "fixed_epochs"}
     if not isinstance(settings, dict) or set(settings) - known:
         parser.error(f"{args.params} must map some of {sorted(known)}; got "
                      f"{sorted(settings) if isinstance(settings, dict) else type(settings).__name__}")

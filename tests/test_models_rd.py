@@ -562,3 +562,21 @@ def test_the_constructor_defaults_are_the_default_recipe(name):
     shapes = lambda m: {k: tuple(v.shape) for k, v in m.state_dict().items()}  # noqa: E731
     assert shapes(plain) == shapes(listed)
     assert plain.stages == listed.stages
+
+
+def test_validation_curve_over_aands_last_stage():
+    """adcore.validation's test-free epoch choice extends to AAND: Stage I fixed, the curve over Stage II."""
+    from adcore.validation import epoch_curve
+
+    common = dict(model_params=TINY, image_size=SIZE, categories=["brick"], holdout=8, batch_size=16, lr=1e-3,
+                  progress=False)
+    with pytest.warns(UserWarning, match="RANDOMLY"):
+        curve = epoch_curve("aand", epochs=[2, 1], fixed_epochs={"amplify": 1}, **common)
+    assert curve["epochs"] == [1, 2] and set(curve["curves"]["brick"]) == {1, 2}  # distill epochs, not amplify's
+    assert curve["params"]["fixed_epochs"] == {"amplify": 1} and curve["chosen_epochs"] in (1, 2)
+    for bad in [None, {"distill": 1}]:  # Stage I's count must be fixed, and only it
+        with pytest.raises(ValueError, match="fixed_epochs"):
+            epoch_curve("aand", epochs=[1], fixed_epochs=bad, **common)
+    with pytest.raises(ValueError, match="scheduler in 'distill'"):  # a schedule breaks one-run-for-many
+        epoch_curve("aand", epochs=[1], fixed_epochs={"amplify": 1}, **{
+            **common, "model_params": {**TINY, "milestones_distill": (1,)}})
