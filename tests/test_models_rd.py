@@ -475,6 +475,9 @@ def test_aand_foreground_rule_from_the_training_set():
     assert model.foreground_rule == ("disk", 0, 1024)
     model.on_fit_start(torch.utils.data.DataLoader(_Named(tiny_data(2), "screw", 1024), batch_size=2))
     assert model.foreground_rule == ("dark", 150, 1024)
+    subset = torch.utils.data.Subset(_Named(tiny_data(3), "bottle", 900), [0, 2])  # a Subset is looked through
+    model.on_fit_start(torch.utils.data.DataLoader(subset, batch_size=2))
+    assert model.foreground_rule == ("disk", 0, 900)
     model.on_fit_start(torch.utils.data.DataLoader(tiny_data(2), batch_size=2))  # no category, no native size
     assert model.foreground_rule == ("all", 0, None)
 

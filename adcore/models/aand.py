@@ -159,14 +159,19 @@ def _level_masks(masks: torch.Tensor, sizes, threshold: float = 0.3) -> list[tor
 _FOREGROUND_MODES = ("all", "bright", "dark", "disk")
 
 
+def _unwrap(dataset):
+    """The dataset under any ``torch.utils.data.Subset`` layers."""
+    while hasattr(dataset, "dataset") and hasattr(dataset, "indices"):
+        dataset = dataset.dataset
+    return dataset
+
+
 def native_side(dataset) -> int | None:
     """The side in pixels of a training set's original images (the first one's width), None if it does not say.
 
-    ``adcore``'s MVTec-layout datasets record it per sample in ``_native`` ((w, h) pairs); a ``Subset`` is unwrapped.
+    ``adcore``'s MVTec-layout datasets record it per sample in ``_native`` ((w, h) pairs).
     """
-    while hasattr(dataset, "dataset") and hasattr(dataset, "indices"):
-        dataset = dataset.dataset
-    native = getattr(dataset, "_native", None)
+    native = getattr(_unwrap(dataset), "_native", None)
     return int(native[0][0]) if native else None
 
 
@@ -211,8 +216,9 @@ class AAND(ReverseDistillation):
                               decoder_blocks=(3, 4, 6), decoder_ratio=0.5, milestones_amplify=(80, 90),
                               milestones_distill=(96, 108)),
             source="Hui-design/AAND train.py: Stage I 100 epochs, MultiStepLR [80, 90] x0.2; Stage II 120 epochs, "
-                   "[96, 108] x0.2; Adam lr 0.005 betas (0.5, 0.999); batch 16; 256 px bicubic; WideResNet-50-2; "
-                   "the student is RD4AD's BN_layer + de_wide_resnet50_2 (hq-deng/RD4AD), full width."),
+                   "[96, 108] x0.2; Adam lr 0.005 betas (0.5, 0.999); batch 16; 256 px (resized bicubically there, "
+                   "with antialiased bilinear here as for every method); WideResNet-50-2; the student is RD4AD's "
+                   "BN_layer + de_wide_resnet50_2 (hq-deng/RD4AD), full width."),
     }
 
     def __init__(self, amplify: bool = True, num_items: int = 50, temperature: float = 0.2, focal_alpha: float = 0.8,
@@ -256,7 +262,7 @@ class AAND(ReverseDistillation):
     def on_fit_start(self, train_loader) -> None:
         mode, threshold, _ = self.foreground_rule
         if self.foreground == "auto":
-            category = getattr(train_loader.dataset, "category", None)
+            category = getattr(_unwrap(train_loader.dataset), "category", None)
             mode, threshold = MVTEC_FOREGROUND.get(category, ("all", 0))
         native = native_side(train_loader.dataset) or 0
         self.foreground_setting.copy_(torch.tensor([_FOREGROUND_MODES.index(mode), threshold, native]))
