@@ -2,7 +2,8 @@
 #   make test   create/reuse .venv and run the whole test suite
 #   make book   create/reuse .venv, run every notebook with papermill and build the HTML book
 PYTHON ?= python3
-# Notebook runs side by side in `make book`; each gets cores/JOBS torch threads (2 suits a 2-core machine).
+# Notebook runs side by side in `make book` (2 suits a 2-core machine). Each run gets one torch thread whatever JOBS
+# is, so its numbers do not depend on JOBS (python -m adcore book --threads N asks for more, recorded per result).
 JOBS ?= 2
 VENV := .venv
 PY := $(VENV)/bin/python

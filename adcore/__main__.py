@@ -73,7 +73,7 @@ def _executor(args, dry_run: bool = False):
     """None (local processes), or a Dask executor for --scheduler / --cluster; a dry run prints the job script."""
     if args.scheduler and args.cluster:
         raise ValueError("give --scheduler (a running cluster) or --cluster (start one), not both")
-    if not (args.scheduler or args.cluster):
+    if not (args.scheduler or args.cluster) or (dry_run and args.scheduler):
         return None
     if args.jobs != 1:
         raise ValueError("--jobs is for local runs; on Dask, each worker's --nthreads says how many runs it takes")

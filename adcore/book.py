@@ -182,7 +182,8 @@ def build_book(*, grid=None, smoke: bool = False, notebooks=None, jobs: int = 1,
             st = run_status(r) or asdict(r)
             ok = st.get("status") == "ok" and Path(r.output).is_file()
             if ok and not is_done(r):
-                log(f"  {r.key}: the notebook or --threads changed since this run finished; using the older run (--no-run)")
+                log(f"  {r.key}: the notebook or --threads changed since this run finished; using the older run "
+                    "(--no-run)")
             statuses.append({**st, "status": "skipped" if ok else "missing"})
         missing = [s["key"] for s in statuses if s["status"] == "missing"]
         if missing:

@@ -30,7 +30,10 @@ def _process_start(pid: int) -> float | None:
     import psutil
 
     try:
-        return round(psutil.Process(pid).create_time(), 2)
+        process = psutil.Process(pid)
+        if process.status() == psutil.STATUS_ZOMBIE:  # killed, not yet reaped by its parent: gone all the same
+            return None
+        return round(process.create_time(), 2)
     except (psutil.NoSuchProcess, psutil.ZombieProcess):
         return None
 

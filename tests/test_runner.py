@@ -257,3 +257,149 @@ def test_staging_fits_the_toc_and_repository_links_to_what_the_book_holds(tmp_pa
     text = nbformat.read(str(tmp_path / "out.ipynb"), as_version=4).cells[0].source
     assert text == "See the model (`adcore/models/vt_adl.py`), `kernels/x.py`, [the data](chapters/data) and " \
                    "[web](https://example.org/a)."
+
+
+def _wait_for(predicate, timeout=120, what="condition"):
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _alive(pid):
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_a_killed_runner_leaves_no_process_and_its_run_reads_interrupted(tmp_path, jobs):
+    """kill -9 of the runner: its papermill process and kernel go too, the run's status.json stops saying "running"
+    (the lock's holder is gone), and the next runner takes the run over at once."""
+    import signal
+    import subprocess
+    import sys
+
+    nb = write_notebook(tmp_path / "slow.ipynb", "seed = 0  # s", [
+        "import json, os, time\njson.dump({'kernel': os.getpid(), 'parent': os.getppid()}, open('pids.json', 'w'))\n"
+        "time.sleep(float(os.environ.get('TEST_SLEEP', '0')))"])
+    rd = tmp_path / "runs"
+    proc = subprocess.Popen([sys.executable, "-m", "adcore", "run", str(nb), "--seeds", "0", "1", "--jobs", str(jobs),
+                             "--runs-dir", str(rd), "--no-progress"], env={**os.environ, "TEST_SLEEP": "300"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run = batch.plan_runs([nb], seeds=[0], runs_dir=rd)[0]
+    pids_file = batch.Path(run.run_dir) / "pids.json"
+    _wait_for(lambda: pids_file.is_file() and pids_file.read_text().endswith("}"), what="the kernel to start")
+    pids = json.loads(pids_file.read_text())
+    assert batch._read_status(run)["status"] == "running" and batch.run_status(run)["status"] == "running"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    _wait_for(lambda: not _alive(pids["kernel"]) and not _alive(pids["parent"]), timeout=30,
+              what="the orphaned kernel and papermill to exit")
+    st = batch.run_status(run)
+    assert st["status"] == "interrupted" and f":{proc.pid} is gone" in st["interrupted"]
+    assert json.loads((batch.Path(run.run_dir) / batch.STATUS).read_text())["status"] == "interrupted"
+    os.environ["TEST_SLEEP"] = "0"
+    try:
+        assert batch.execute_runs([run], progress=False)[0]["status"] == "ok"  # no waiting for a lease to expire
+    finally:
+        del os.environ["TEST_SLEEP"]
+
+
+def test_two_runners_on_one_runs_dir_never_run_a_key_twice(tmp_path):
+    """Two `adcore run` processes started at once on the same grid and runs directory: every run executes once,
+    both finish, and each reports the runs the other did as skipped."""
+    import subprocess
+    import sys
+
+    nb = write_notebook(tmp_path / "slow.ipynb", "seed = 0  # s", [
+        "import os, time\nlog = os.environ['TEST_LOG']\nopen(log, 'a').write(f'{seed} start {time.time()}\\n')\n"
+        "time.sleep(1.5)\nopen(log, 'a').write(f'{seed} end {time.time()}\\n')"])
+    rd, log = tmp_path / "runs", tmp_path / "executions.log"
+    cmd = [sys.executable, "-m", "adcore", "run", str(nb), "--seeds", "0", "1", "2", "3", "--runs-dir", str(rd),
+           "--no-progress"]
+    env = {**os.environ, "TEST_LOG": str(log)}
+    procs = [subprocess.Popen(cmd + extra, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for extra in ([], ["--jobs", "2"])]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    events = [line.split() for line in log.read_text().splitlines()]
+    starts = sorted(int(seed) for seed, what, _ in events if what == "start")
+    assert starts == [0, 1, 2, 3], events  # each key executed exactly once
+    runs = batch.plan_runs([nb], seeds=[0, 1, 2, 3], runs_dir=rd)
+    assert all(batch._read_status(r)["status"] == "ok" for r in runs)
+    assert not any((batch.Path(r.run_dir) / ".lock").exists() for r in runs)
+    # each runner says ok for the runs it did and skipped for the others'
+    done_by = [{line.split()[-1] for line in out.splitlines() if line.strip().startswith("ok ")} for out in outs]
+    assert done_by[0] | done_by[1] == {r.key for r in runs} and not done_by[0] & done_by[1], outs
+
+
+def test_threads_per_run_do_not_depend_on_jobs(nbdir, tmp_path):
+    """Every run's kernel gets --threads torch threads (default 1) at any --jobs; it is in status.json and the
+    manifest, and a finished run asked for at another thread count is rerun, not reused."""
+    nb = write_notebook(tmp_path / "threads.ipynb", OK_PARAMS, [
+        "import json, os\nos.makedirs(results_dir, exist_ok=True)\n"
+        "json.dump({k: os.environ.get(k) for k in ('OMP_NUM_THREADS', 'MKL_NUM_THREADS', 'ADCORE_THREADS')},\n"
+        "          open(os.path.join(results_dir, 'r.json'), 'w'))"])
+    seen = {}
+    for jobs in (1, 2):
+        rd = tmp_path / f"runs{jobs}"
+        assert main(["run", str(nb), "--seeds", "0", "1", "--jobs", str(jobs), "--runs-dir", str(rd),
+                     "--no-progress"]) == 0
+        manifest = batch.load_manifest(rd / "manifest.json")
+        seen[jobs] = [json.loads((batch.Path(r["run_dir"]) / "results" / "r.json").read_text()) for r in manifest]
+        assert [r["threads"] for r in manifest] == [1, 1]
+    assert seen[1] == seen[2] == [{"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "ADCORE_THREADS": "1"}] * 2
+    runs = batch.plan_runs([nb], seeds=[0], runs_dir=tmp_path / "runs1", threads=3)
+    assert not batch.is_done(runs[0])
+    assert batch.execute_runs(runs, progress=False)[0]["threads"] == 3
+    assert result_of(runs[0])["OMP_NUM_THREADS"] == "3"
+    with pytest.raises(ValueError, match="threads must be a positive int"):
+        batch.plan_runs([nb], threads=0, runs_dir=tmp_path / "runs1")
+
+
+def test_reproduce_command_plans_the_same_run(nbdir, tmp_path):
+    nb = nbdir / "ok.ipynb"
+    grid = batch.plan_runs([nb], ["five", {"x": 7}], ["a", ["a", "b"]], [2], runs_dir=tmp_path / "runs",
+                           check_data=False)
+    for run in grid:
+        row = {**batch.asdict(run), "status": "ok"}
+        cmd = batch.reproduce_command(row, repo_root=tmp_path)
+        assert cmd.startswith("python -m adcore run notebooks/ok.ipynb --params ") and "--threads 1" in cmd
+        args = batch.shlex.split(cmd)[4:]
+        from adcore.__main__ import _parser
+        parsed = _parser().parse_args(["run", *args])
+        again = batch.plan_runs([tmp_path / parsed.notebooks[0]], parsed.params, parsed.categories or [None],
+                                parsed.seeds or [None], runs_dir=tmp_path / "runs", check_data=False)
+        drop = lambda params: {k: v for k, v in params.items() if k != "results_dir"}  # noqa: E731
+        assert len(again) == 1 and drop(again[0].params) == drop(run.params)
+        if not isinstance(run.params["categories"], list) or len(run.params["categories"]) == 1:
+            assert again[0].key == run.key  # the same folder name, so the same files
+
+
+def test_a_lock_from_another_host_holds_until_its_lease_expires(nbdir, tmp_path):
+    """A holder on another machine cannot be checked by pid: its lock holds while its heartbeat is fresh, and is taken
+    over once the file is older than the lease."""
+    import time
+
+    run = batch.plan_runs([nbdir / "ok.ipynb"], runs_dir=tmp_path / "runs")[0]
+    run_dir = batch.Path(run.run_dir)
+    run_dir.mkdir(parents=True)
+    (run_dir / batch.STATUS).write_text(json.dumps({**batch.asdict(run), "status": "running"}))
+    lock = run_dir / ".lock"
+    lock.write_text(json.dumps({"host": "elsewhere", "pid": 1, "pid_started": 0.0, "token": "t"}))
+    assert batch.run_status(run)["status"] == "running"
+    busy = batch.execute_run(run)
+    assert busy["status"] == "busy" and busy["holder"] == "elsewhere:1" and lock.exists()
+    old = time.time() - batch.runlock.LEASE_S - 5
+    os.utime(lock, (old, old))
+    assert batch.run_status(run)["status"] == "interrupted"
+    assert batch.execute_run(run)["status"] == "ok" and not lock.exists()
