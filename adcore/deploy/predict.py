@@ -43,14 +43,17 @@ def expand_inputs(inputs, exclude=None) -> list[str]:
     """
     exclude = Path(exclude).resolve() if exclude is not None else None
     out, seen = [], set()
+    def files(path: Path) -> list[str]:
+        if path.is_dir():
+            return sorted(str(p) for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+        return [str(path)]
+
     for arg in inputs:
         path = Path(arg)
-        if path.is_dir():
-            found = sorted(str(p) for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
-        elif path.exists():
-            found = [str(path)]
+        if path.exists():
+            found = files(path)
         else:
-            found = sorted(p for p in glob.glob(str(arg), recursive=True) if Path(p).is_file())
+            found = [f for match in sorted(glob.glob(str(arg), recursive=True)) for f in files(Path(match))]
             if not found:
                 raise FileNotFoundError(f"{arg!r} is no file or folder and matches no file")
         for p in found:

@@ -55,7 +55,7 @@ def good_images(data: str, category: str | None, image_size: int) -> AnomalyData
     if not files:
         raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {str(root)!r}; for a dataset in MVTec "
                         "layout pass --category")
-    if any(p.parent.name == "test" or "test" in p.relative_to(root).parts for p in files):
+    if any("test" in p.relative_to(root).parts for p in files):
         raise DataError(f"{str(root)!r} holds a 'test' folder: for a dataset in MVTec layout pass --category CAT "
                         "(its train/good images are used); a plain folder must hold good images only")
     return AnomalyDataset("folder", root.resolve().name, "train", [Sample(str(p), 0, "good") for p in files],
