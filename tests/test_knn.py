@@ -216,14 +216,16 @@ def test_folded_batchnorm_gives_the_same_features():
         torch.testing.assert_close(fast.embed(images), slow.embed(images), rtol=1e-4, atol=1e-4)
 
 
-def test_greedy_coreset_is_exact_greedy_k_centre():
-    # The slow twin written out: each step takes the point farthest (Euclidean) from everything chosen so far.
+@pytest.mark.parametrize("active", [None, 8, 32])
+def test_greedy_coreset_is_exact_greedy_k_centre(active):
+    # The slow twin written out: each step takes the point farthest (Euclidean) from everything chosen so far. The
+    # lazy path (active=8, 32: few points updated per step, many refreshes) must choose the same points.
     gen = torch.Generator().manual_seed(2)
-    points = torch.randn(200, 16, generator=gen)
-    chosen = greedy_coreset(points, 25, projection_dim=None, seed=4)
-    first = int(torch.randint(200, (1,), generator=torch.Generator().manual_seed(4)))
+    points = torch.randn(300, 16, generator=gen) * torch.linspace(0.2, 3, 300)[:, None]  # uneven spread
+    chosen = greedy_coreset(points, 60, projection_dim=None, seed=4, active=active)
+    first = int(torch.randint(300, (1,), generator=torch.Generator().manual_seed(4)))
     expected, min_dist = [first], (points - points[first]).norm(dim=1)
-    for _ in range(24):
+    for _ in range(59):
         expected.append(int(min_dist.argmax()))
         min_dist = torch.minimum(min_dist, (points - points[expected[-1]]).norm(dim=1))
     assert chosen.tolist() == expected
