@@ -54,7 +54,7 @@ class DaskExecutor:
             raise ValueError("give a scheduler address or a cluster, not both or neither")
         self.cluster = cluster
         try:
-            self.client = Client(scheduler or cluster, timeout="20s")
+            self.client = Client(scheduler or cluster)  # waits distributed.comm.timeouts.connect (30 s) at most
         except OSError as e:
             raise RuntimeError(f"no Dask scheduler answers at {scheduler!r}: {e}; start one with `dask scheduler` "
                                "and workers with `dask worker ADDRESS`") from None

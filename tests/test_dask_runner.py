@@ -59,7 +59,8 @@ def reference(grid):
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    """A scheduler and two one-thread workers (no nanny: a killed worker stays dead) on 127.0.0.1."""
+    """A scheduler, two one-thread workers (no nanny: a killed worker stays dead) and a third that offers a GPU
+    resource (no GPU needed: the resource is only a label the scheduler matches) on 127.0.0.1."""
     d = tmp_path_factory.mktemp("dask")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -73,15 +74,17 @@ def cluster(tmp_path_factory):
         return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=d)
 
     scheduler = start(DASK[0] + ["--host", "127.0.0.1", "--port", str(port), "--no-dashboard"], "scheduler")
-    workers = [start(DASK[1] + [address, "--nthreads", "1", "--no-nanny", "--name", f"w{i}", "--local-directory",
-                                str(d / f"w{i}"), "--no-dashboard"], f"w{i}") for i in range(2)]
+    workers = [start(DASK[1] + [address, "--nthreads", "1", "--no-nanny", "--name", name, "--local-directory",
+                                str(d / name), "--no-dashboard", *extra], name)
+               for name, extra in (("w0", []), ("w1", []), ("gpu", ["--resources", "GPU=1"]))]
     from distributed import Client
 
     try:
         with Client(address, timeout="60s") as client:
-            client.wait_for_workers(2, timeout=120)
+            client.wait_for_workers(3, timeout=120)
             pids = client.run(os.getpid)
-        yield {"address": address, "workers": workers, "pids": pids, "logs": d}
+            gpu_pid = next(w["pid"] for w in client.scheduler_info()["workers"].values() if w["name"] == "gpu")
+        yield {"address": address, "workers": workers, "pids": pids, "gpu_pid": gpu_pid, "logs": d}
     finally:
         for p in workers + [scheduler]:
             if p.poll() is None:
@@ -131,15 +134,19 @@ def test_a_worker_that_cannot_see_the_runs_dir_fails_early(cluster, tmp_path):
     try:
         marker = batch.mark_runs_dir(tmp_path / "runs")
         executor.check_workers(tmp_path / "runs", marker, [])  # the same folder: fine
-        with pytest.raises(RuntimeError, match=r"(?s)2 of 2 Dask worker\(s\).*is another folder of the same name"):
+        with pytest.raises(RuntimeError, match=r"(?s)3 of 3 Dask worker\(s\).*is another folder of the same name"):
             executor.check_workers(tmp_path / "runs", "a-different-marker")
         with pytest.raises(RuntimeError, match="does not exist here; runs, results and checkpoints must live on a"):
             executor.check_workers(tmp_path / "elsewhere", marker)
     finally:
         executor.close()
-    # through the CLI: one line and exit status 2, before any run
-    assert main(["run", str(REPO / "notebooks" / "vt_adl.ipynb"), "--scheduler", "tcp://127.0.0.1:9",
-                 "--runs-dir", str(tmp_path / "r2"), "--no-progress"]) == 2
+    # no scheduler there: one line and exit status 2 from the CLI, before any run
+    import dask
+
+    with dask.config.set({"distributed.comm.timeouts.connect": "2s"}):
+        assert main(["run", str(REPO / "notebooks" / "vt_adl.ipynb"), "--scheduler", "tcp://127.0.0.1:9",
+                     "--runs-dir", str(tmp_path / "r2"), "--no-progress"]) == 2
+    assert not (tmp_path / "r2").exists()
 
 
 def test_reproduce_command_gives_the_same_digits_at_another_jobs(grid, reference):
@@ -197,6 +204,26 @@ def test_two_runners_local_and_dask_share_a_runs_dir(cluster, tmp_path):
     done_by = [{line.split()[-1] for line in out.splitlines() if line.strip().startswith("ok ")} for out in outs]
     assert len(done_by[0] | done_by[1]) == 4 and not done_by[0] & done_by[1], outs
     assert done_by[1], outs  # the Dask runner did the run it was first to take
+
+
+def test_a_cuda_run_asks_for_a_gpu_worker(cluster, tmp_path):
+    """Runs whose parameters say device: cuda go only to the worker started with --resources GPU=1."""
+    import nbformat
+
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.cells = [nbformat.v4.new_code_cell('device = "cpu"  # d\nseed = 0  # s', metadata={"tags": ["parameters"]})]
+    nbformat.write(nb, str(tmp_path / "gpu.ipynb"))
+    proc = subprocess.run([sys.executable, "-m", "adcore", "run", str(tmp_path / "gpu.ipynb"), "--params",
+                           '{"device": "cuda"}', "--seeds", "0", "1", "2", "--runs-dir", str(tmp_path / "runs"),
+                           "--no-progress", "--scheduler", cluster["address"]], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    statuses = batch.load_manifest(tmp_path / "runs" / "manifest.json")
+    assert [s["gpu"] for s in statuses] == [True] * 3
+    # each run's status names the worker process that held it: the GPU worker, three times out of three
+    holders = [json.loads((Path(s["run_dir"]) / batch.STATUS).read_text())["pid"] for s in statuses]
+    assert holders == [cluster["gpu_pid"]] * 3
 
 
 def test_a_killed_worker_loses_nothing(grid, reference, cluster):
