@@ -99,17 +99,16 @@ def resolve_settings(name: str, which: str = "default", overrides: dict | None =
 
 
 @torch.no_grad()
-def score_images(graph, data, batch_size: int, device, desc: str = "score") -> tuple[np.ndarray, np.ndarray]:
-    """(image scores (N,), smoothed maps (N, S, S)) of a dataset, through the shared scoring graph."""
+def score_images(graph, data, batch_size: int, device, progress: bool = True) -> tuple[np.ndarray, ...]:
+    """(image scores, map maxima, map minima), each (N,), of a dataset through the shared scoring graph."""
     from tqdm.auto import tqdm
 
     loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=0)
-    scores, maps = [], []
-    for batch in tqdm(loader, desc=desc, leave=False):
-        s, m = graph(batch["image"].to(device))
-        scores.append(s.cpu().numpy())
-        maps.append(m.cpu().numpy())
-    return np.concatenate(scores), np.concatenate(maps)
+    out = []
+    for batch in tqdm(loader, desc="held-out", leave=False, disable=not progress):
+        score, amap = graph(batch["image"].to(device))
+        out.append(torch.stack([score, amap.flatten(1).amax(1), amap.flatten(1).amin(1)], 1).cpu().numpy())
+    return tuple(np.concatenate(out).T)
 
 
 def train(model_name: str, data: str, out, *, category: str | None = None, recipe: str = "default",
@@ -153,9 +152,8 @@ def train(model_name: str, data: str, out, *, category: str | None = None, recip
     fit_seconds = time.perf_counter() - t0
 
     graph = ScoringGraph(model.eval(), size).eval()
-    scores, maps = score_images(graph, Part(images, hold_idx), training["batch_size"], device, desc="held-out")
-    flat = maps.reshape(len(maps), -1)
-    threshold = fit_threshold(scores, flat.max(1), flat.min(1), fpr)
+    threshold = fit_threshold(*score_images(graph, Part(images, hold_idx), training["batch_size"], device, progress),
+                              fpr=fpr)
     print(describe(threshold))
     recipe_record = {**dataclasses.asdict(get_recipe(model_name, recipe)), "which": recipe,
                      "overrides": dict(overrides or {})}
@@ -163,7 +161,7 @@ def train(model_name: str, data: str, out, *, category: str | None = None, recip
         "data": str(data), "category": category, "n_images": len(images), "n_train": len(train_idx),
         "n_holdout": len(hold_idx), "holdout_fraction": holdout, "seed": seed, "device": str(device),
         "fit_seconds": round(fit_seconds, 2), "holdout_paths": [images.paths[i] for i in hold_idx],
-        **{k: v for k, v in training.items()}})
+        **training})
     shutil.rmtree(ckpt, ignore_errors=True)
     print(f"wrote {out}")
     return model
