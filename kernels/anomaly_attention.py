@@ -460,3 +460,30 @@ def anomaly_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sigma: 
     check_triton_device(q, INTERPRET)
     return AnomalyAttentionFunction.apply(q, k, v, sigma, grid, float(eps))
 
+
+
+def sass_variants(dtype: str, variant):
+    """Every variant the GPU launchers can pick, for ``python -m kernels.bench.sass_report`` (``dtype`` as Triton
+    names it: bf16, fp16, fp32, fp64). Inner loops are listed in code order with the elements one iteration covers."""
+    fp64 = dtype == "fp64"
+    prec = "ieee" if dtype in ("fp32", "fp64") else "tf32"
+    stat = {"LSE", "LOGZ", "DIS", "GSER", "DSIG", "DELTA", "WS"}
+    out = []
+    for cfg in _fwd_configs():
+        bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
+        for stats in (True, False):
+            out.append(variant("anomaly_attention", "fwd", _anomaly_attention_fwd_kernel, dtype,
+                               dict(cfg.kwargs, BLOCK_D=64, BLOCK_G=64, STATS=stats, IS_FP64=fp64, PRECISION=prec),
+                               cfg.num_warps, cfg.num_stages,
+                               [("sweep1", bm * bn), ("logZ_rows", None), ("logZ_cols", None), ("sweep2", bm * bn)],
+                               stat=stat, floats={"qk_scale", "eps", "log_eps"}, counted=stats))
+    for cfg in _bwd_configs():
+        bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
+        for has_do, has_ws in ((True, True), (True, False), (False, True)):
+            for fn, name in ((_anomaly_attention_bwd_dkdv_kernel, "dkdv"), (_anomaly_attention_bwd_dq_kernel, "dq")):
+                out.append(variant("anomaly_attention", "bwd", fn, dtype,
+                                   dict(cfg.kwargs, BLOCK_D=64, HAS_DO=has_do, HAS_WS=has_ws, IS_FP64=fp64,
+                                        PRECISION=prec), cfg.num_warps, cfg.num_stages, [(name, bm * bn)],
+                                   stat=stat, floats={"qk_scale", "scale", "eps", "log_eps"},
+                                   counted=has_do and has_ws))
+    return out

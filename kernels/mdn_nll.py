@@ -272,3 +272,25 @@ def mdn_nll(x: torch.Tensor, logits: torch.Tensor, mu: torch.Tensor, log_var: to
     check_triton_device(x, INTERPRET)
     return MDNNLLFunction.apply(x, logits, mu, log_var, mode)
 
+
+
+def sass_variants(dtype: str, variant):
+    """Every variant the GPU launchers can pick, for ``python -m kernels.bench.sass_report``; the inner loop (over
+    the K components) covers BLOCK_N x BLOCK_D parameter elements per iteration."""
+    fp64 = dtype == "fp64"
+    stat = {"LOSS", "COEF", "DLOGIT", "W"}
+    out = []
+    for cfg in _fwd_configs():
+        for lse in (True, False):
+            out.append(variant("mdn_nll", "fwd", _mdn_nll_fwd_kernel, dtype,
+                               dict(cfg.kwargs, BLOCK_K=16, MODE_LSE=lse, IS_FP64=fp64), cfg.num_warps,
+                               cfg.num_stages, [("k", cfg.kwargs["BLOCK_N"] * cfg.kwargs["BLOCK_D"])], stat=stat,
+                               floats={"log_2pi", "d_log_2pi"}, counted=lse))
+    shared_cfg = triton.Config({"BLOCK_N": _SHARED_BWD_BLOCK_N, "BLOCK_D": _SHARED_BWD_BLOCK_D}, num_warps=4,
+                               num_stages=2)
+    for cfg, shared in [(c, False) for c in _bwd_configs()] + [(shared_cfg, True)]:
+        out.append(variant("mdn_nll", "bwd", _mdn_nll_bwd_kernel, dtype,
+                           dict(cfg.kwargs, MU_SHARED=shared, LV_SHARED=shared, IS_FP64=fp64), cfg.num_warps,
+                           cfg.num_stages, [("k", cfg.kwargs["BLOCK_N"] * cfg.kwargs["BLOCK_D"])],
+                           stat=stat | ({"DMU", "DLV"} if shared else set()), counted=not shared))
+    return out

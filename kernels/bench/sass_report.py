@@ -1,0 +1,256 @@
+"""SASS instruction budget of every fused kernel and autotune config, compiled for sm_90a on a machine without a GPU.
+
+``python -m kernels.bench.sass_report [--dtype bf16 fp32] [--jobs 2]`` compiles each kernel variant through Triton's
+whole pipeline (TTIR to cubin, no driver), disassembles the cubin with the ``nvdisasm`` that ships in the Triton wheel
+and prints, per variant:
+
+* each inner loop's SASS instructions per element: the loop body's static length (from the back-edge's target to the
+  back-edge) times the threads of a program, over the elements one iteration handles (BLOCK_M x BLOCK_N score
+  elements for attention, BLOCK_N x BLOCK_D parameter elements for the MDN). Both sides of a branch inside the loop
+  count, so this is the cost of the full path (the zero-prior shortcut's cheap side included);
+* MUFU (exp2, log2, rcp) per element, the special-function unit that bounds the attention;
+* ptxas's registers and spill bytes (stores + loads).
+
+It ends with one line per op: ``anomaly_attention fwd+bwd: N instructions per score element, S spill bytes``, N the
+forward (with gradient statistics) plus backward sums for the worst bf16 config the autotuner may pick, and
+``mdn_nll fwd+bwd: ...`` with the bandwidth check: the time to issue the loops' instructions against the time to move
+their bytes at HBM speed (H100 SXM: 3.35 TB/s; 132 SMs x 128 lanes at 1.83 GHz). Nothing runs, so it says nothing
+about latency hiding; it catches a regression in code size, registers or spills without a GPU.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import multiprocessing
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ARCH = 90
+# H100 SXM: 132 SMs x 4 schedulers x 32 lanes, 1.83 GHz (kernels.md §5), and 3.35 TB/s HBM3.
+LANE_INSTR_PER_S = 132 * 128 * 1.83e9
+HBM_BYTES_PER_S = 3.35e12
+ELEM_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4, "fp64": 8}
+
+
+@dataclass
+class Variant:
+    """One compile: a jit kernel with its constexprs, and what its inner loops iterate over."""
+    op: str  # "anomaly_attention" or "mdn_nll"
+    part: str  # e.g. "fwd", "bwd"; the fwd+bwd total sums one variant of each part
+    fn: object
+    dtype: str
+    consts: dict
+    num_warps: int
+    num_stages: int
+    loops: list  # [(name, elements per iteration)] of the inner loops in code order; None elements: not per element
+    stat: set = field(default_factory=set)  # pointer arguments that hold statistics (fp32, fp64 for fp64 inputs)
+    floats: set = field(default_factory=set)  # float scalar arguments
+    counted: bool = True  # part of the fwd+bwd total (the training path)
+    result: dict = field(default_factory=dict)
+
+    @property
+    def config(self):
+        keep = {k: v for k, v in self.consts.items() if k.startswith("BLOCK_") and k not in ("BLOCK_D", "BLOCK_G",
+                                                                                              "BLOCK_K")}
+        return " ".join(f"{k[6:]}={v}" for k, v in keep.items()) + f" w={self.num_warps} s={self.num_stages}"
+
+    @property
+    def flags(self):
+        return " ".join(f"{k}" for k, v in self.consts.items() if v is True)
+
+
+def _tool(name):
+    import triton
+    path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
+    if not path.exists():
+        raise SystemExit(f"{path} is missing: this report needs the ptxas/nvdisasm that ship in the Triton wheel")
+    return str(path)
+
+
+def _signature(v):
+    """The kernels' convention: the leading UPPER-case arguments are pointers (of the input dtype, or fp32/fp64 when
+    they hold statistics, v.stat), v.floats are float scalars, everything else an i32."""
+    stat = "fp64" if v.dtype == "fp64" else "fp32"
+    sig, leading = {}, True
+    for name in v.fn.arg_names:
+        leading = leading and name.isupper()
+        if name in v.consts:
+            sig[name] = "constexpr"
+        elif leading:
+            sig[name] = "*" + (stat if name in v.stat else v.dtype)
+        elif name in v.floats:
+            sig[name] = stat
+        else:
+            sig[name] = "i32"
+    return sig
+
+
+_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?);")
+_LABEL = re.compile(r"^(\.L_x_\d+):")
+_BRANCH = re.compile(r"BRA\s+`\((\.L_x_\d+)\)")
+
+
+def inner_loops(sass: str):
+    """[(start, end, instructions)] of the innermost loops: a branch back to an earlier label closes a loop."""
+    labels, instrs = {}, []
+    pending = []
+    for line in sass.splitlines():
+        m = _LABEL.match(line.strip())
+        if m:
+            pending.append(m.group(1))
+            continue
+        m = _LINE.search(line)
+        if m:
+            addr = int(m.group(1), 16)
+            for lab in pending:
+                labels[lab] = addr
+            pending = []
+            instrs.append((addr, m.group(2).strip()))
+    # Code after the last EXIT is out of line (the trap, warp-divergence fallbacks of BRA.DIV that jump back into a
+    # loop): its back-edges are not loops and its instructions run only on that cold path.
+    last_exit = max((a for a, t in instrs if t.split()[-1:] == ["EXIT"] or t.endswith(" EXIT")), default=None)
+    loops = []
+    for addr, text in instrs:
+        b = _BRANCH.search(text)
+        if last_exit is not None and addr > last_exit:
+            continue
+        if b and labels.get(b.group(1), addr) < addr:
+            loops.append((labels[b.group(1)], addr))
+    inner = [lp for lp in loops if not any(o != lp and lp[0] <= o[0] and o[1] <= lp[1] for o in loops)]
+    inner.sort()
+    return [(s, e, [t for a, t in instrs if s <= a <= e]) for s, e in inner]
+
+
+_TODO: list = []  # filled before the worker processes fork; they compile _TODO[i]
+
+
+def _compile_one(i: int) -> Variant:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    v = _TODO[i]
+    t0 = time.time()
+    src = ASTSource(fn=v.fn, signature=_signature(v), constexprs=v.consts)
+    kernel = triton.compile(src, target=GPUTarget("cuda", ARCH, 32),
+                            options={"num_warps": v.num_warps, "num_stages": v.num_stages})
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx, cubin = Path(tmp) / "k.ptx", Path(tmp) / "k.cubin"
+        ptx.write_text(kernel.asm["ptx"])
+        cubin.write_bytes(kernel.asm["cubin"])
+        info = subprocess.run([_tool("ptxas"), f"-arch=sm_{ARCH}a", "-v", str(ptx), "-o", os.devnull],
+                              capture_output=True, text=True).stderr
+        sass = subprocess.run([_tool("nvdisasm"), str(cubin)], capture_output=True, text=True).stdout
+    regs = re.search(r"Used (\d+) registers", info)
+    stores = re.search(r"(\d+) bytes spill stores", info)
+    loads = re.search(r"(\d+) bytes spill loads", info)
+    threads = 32 * v.num_warps
+    loops = inner_loops(sass)
+    names = v.loops if len(loops) == len(v.loops) else [(f"loop{i}", None) for i in range(len(loops))]
+    per_loop = []
+    for (name, elems), (_, _, body) in zip(names, loops):
+        n, mufu = len(body), sum("MUFU." in t for t in body)
+        per_loop.append(dict(name=name, instr=n, per_elem=None if elems is None else n * threads / elems,
+                             mufu_per_elem=None if elems is None else mufu * threads / elems,
+                             local=sum(" LDL" in " " + t or " STL" in " " + t for t in body),
+                             bar=sum(t.startswith("BAR") for t in body)))
+    v.result = dict(regs=int(regs.group(1)) if regs else -1,
+                    spill=(int(stores.group(1)) if stores else 0) + (int(loads.group(1)) if loads else 0),
+                    loops=per_loop, seconds=time.time() - t0,
+                    warning="" if len(loops) == len(v.loops) else f"expected {len(v.loops)} loops, found "
+                                                                  f"{len(loops)}")
+    v.fn = v.fn.__name__  # picklable on the way back
+    return v
+
+
+def variants(dtypes):
+    """Every kernel variant the launchers can pick on a GPU, from the kernel modules' own config lists."""
+    import kernels.anomaly_attention as aa
+    import kernels.mdn_nll as mn
+    out = []
+    for dt in dtypes:
+        out += aa.sass_variants(dt, Variant)
+        out += mn.sass_variants(dt, Variant)
+    return out
+
+
+def _fmt(x, width=6):
+    return f"{x:{width}.1f}" if x is not None else " " * (width - 1) + "-"
+
+
+def report(done, out=sys.stdout):
+    print(f"SASS for sm_{ARCH}a (Triton's ptxas/nvdisasm); per element = static loop instructions x threads / "
+          "elements per iteration", file=out)
+    print(f"{'kernel':30s} {'dtype':5s} {'config':26s} {'flags':22s} {'regs':>4s} {'spill':>5s}  loops: "
+          "name instr/elem (MUFU/elem) [local ld/st, barriers]", file=out)
+    for v in done:
+        r = v.result
+        loops = "; ".join(f"{lp['name']} {_fmt(lp['per_elem'], 5).strip()} ({_fmt(lp['mufu_per_elem'], 4).strip()})"
+                          + (f" [{lp['local']}, {lp['bar']}]" if lp['local'] or lp['bar'] else "")
+                          for lp in r["loops"])
+        print(f"{v.fn:30s} {v.dtype:5s} {v.config:26s} {v.flags:22s} {r['regs']:4d} {r['spill']:5d}  {loops}"
+              + (f"  !{r['warning']}" if r["warning"] else ""), file=out)
+    for op in ("anomaly_attention", "mdn_nll"):
+        _summary(op, done, out)
+
+
+def _per_elem(v):
+    return sum(lp["per_elem"] or 0 for lp in v.result["loops"])
+
+
+def _summary(op, done, out):
+    for dt in sorted({v.dtype for v in done if v.op == op}):
+        worst = {}
+        for v in done:
+            if v.op == op and v.dtype == dt and v.counted:
+                key = (v.part, v.fn)
+                cur = worst.get(key)
+                if cur is None or _per_elem(v) > _per_elem(cur):
+                    worst[key] = v
+        if not worst:
+            continue
+        total = sum(_per_elem(v) for v in worst.values())
+        spill = max(v.result["spill"] for v in done if v.op == op and v.dtype == dt)
+        regs = max(v.result["regs"] for v in done if v.op == op and v.dtype == dt)
+        unit = "score element" if op == "anomaly_attention" else "parameter element"
+        extra = ""
+        if op == "mdn_nll":
+            # fwd reads mu and log_var; bwd reads them again and writes their gradients: 6 elements moved per (n,k,d).
+            bytes_per_elem = 6 * ELEM_BYTES[dt]
+            t_issue, t_mem = total / LANE_INSTR_PER_S, bytes_per_elem / HBM_BYTES_PER_S
+            extra = (f"; issue {t_issue * 1e12:.2f} ps vs HBM {t_mem * 1e12:.2f} ps per element: "
+                     f"{'bandwidth' if t_issue < t_mem else 'ISSUE'}-bound ({t_issue / t_mem:.0%} of the HBM time)")
+        line = f"{op} fwd+bwd: {total:.0f} instructions per {unit}, {spill} spill bytes"
+        if dt == "bf16":
+            print(line + f" (bf16, worst config; max {regs} registers){extra}", file=out)
+        else:
+            print(f"  [{dt}] " + line + f" (max {regs} registers){extra}", file=out)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dtype", nargs="+", default=["bf16", "fp32"], choices=sorted(ELEM_BYTES))
+    parser.add_argument("--match", default="", help="only kernels whose name contains this (quick looks)")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0").strip().lower() not in ("", "0", "false", "no", "off"):
+        raise SystemExit("unset TRITON_INTERPRET: the report compiles for a GPU")
+    with tempfile.TemporaryDirectory(prefix="adcore-sass-") as cache:
+        os.environ["TRITON_CACHE_DIR"] = cache  # a fresh compile every run: never a stale cubin
+        _TODO[:] = [v for v in variants(args.dtype) if args.match in v.fn.__name__]
+        t0 = time.time()
+        ctx = multiprocessing.get_context("fork")
+        with concurrent.futures.ProcessPoolExecutor(max(1, args.jobs), mp_context=ctx) as pool:
+            done = list(pool.map(_compile_one, range(len(_TODO))))
+    report(done)
+    print(f"({len(done)} variants compiled in {time.time() - t0:.0f} s with {args.jobs} jobs)")
+
+
+if __name__ == "__main__":
+    main()
