@@ -240,3 +240,24 @@ def test_recipes_state_the_published_setting():
     assert paper.model_params == dict(backbone="wide_resnet50_2", feature_strides=(8, 16), coreset_ratio=0.1,
                                       num_neighbors=1)
     assert set(paper.model_params) <= set(inspect.signature(KNNDetector).parameters)
+
+
+def test_fold_batchnorm_on_a_resnet_backbone():
+    # torchvision's Bottleneck registers conv1, bn1, conv2, bn2, conv3, bn3, relu, downsample: folding by registration
+    # order must pair them right. Random weights and BatchNorm statistics, so every fold changes something.
+    import copy
+
+    from adcore.backbones import create_backbone
+
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match="RANDOMLY INITIALISED"):
+        slow = create_backbone("wide_resnet50_2", pretrained=False, out_indices=(0, 1))
+    for m in slow.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 2), m.weight.data.uniform_(0.5, 1.5)
+    fast = fold_batchnorm(copy.deepcopy(slow))
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules())
+    images = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        for a, b in zip(fast(images), slow(images)):
+            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3 * float(b.abs().max()))

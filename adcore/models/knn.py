@@ -22,8 +22,13 @@ training: a memory bank of normal patch features.
 
 Changed from the earlier default, said plainly: the book's ``knn`` used stride 8 alone, a choice made after looking
 at ``textures`` test numbers, and averaged with ``count_include_pad=False``, which made border patches of *good*
-images look anomalous (the maximum of 83–100 % of good test images lay within 8 px of the border). Both are replaced
-by the published setting above; ``tests/benchmarks/bench_knn_anomalib.py`` compares it with anomalib's Patchcore.
+images look anomalous: the maximum of 83 / 100 / 100 % of good test images lay within 8 px of the border
+(``border_max_fraction``), image AUROC 0.980 / 0.812 / 0.643 (brick / grass / gravel, 128 px, ``evaluate``
+protocol). Both are replaced by the published setting above, which scores image AUROC 1.000 / 0.916 / 0.944, pixel
+AUROC 0.945 / 0.879 / 0.889, AUPRO 0.760 / 0.623 / 0.641, border_max_fraction 0 / 0 / 0 (the old setting's maps were
+sharper on brick: pixel AUROC 0.957, AUPRO 0.825). ``tests/benchmarks/bench_knn_anomalib.py`` runs it beside
+anomalib 2.7's Patchcore on the same weights, images and masks: within 0.01 of it or better on every metric, and
+about 5.7× less CPU time on one thread.
 
 Fast paths and their slow twins: ``projection_dim=None`` runs the coreset on exact distances; ``chunk_size=None``
 computes all nearest-neighbour distances in one ``torch.cdist``; ``fast_backbone=False`` runs the backbone without

@@ -93,7 +93,10 @@ def anomalib_worker(work: Path, batch_size: int, threads: int) -> None:
         category = line.strip()
         data = np.load(work / f"{category}.npz")
         train, test = torch.from_numpy(data["train"]), torch.from_numpy(data["test"])  # (N, 3, S, S) in [0, 1]
-        torch.manual_seed(0)  # anomalib's projection and first coreset point draw from the global generator
+        # anomalib's first coreset point comes from torch's global generator, its sparse random projection from
+        # numpy's (sklearn's sample_without_replacement): seed both, so its numbers repeat.
+        torch.manual_seed(0)
+        np.random.seed(0)
         model = Patchcore(backbone="efficientnet_lite0", layers=TAPS, pre_trained=False,
                           coreset_sampling_ratio=CORESET_RATIO, num_neighbors=1,
                           pre_processor=Patchcore.configure_pre_processor(image_size=(IMAGE_SIZE, IMAGE_SIZE)))
