@@ -12,6 +12,7 @@ seconds much less:
 """
 from __future__ import annotations
 
+import json
 import math
 import resource
 import time
@@ -144,3 +145,24 @@ def test_dmad_paper_config_at_paper_shape(mode, mvtec_tree, tmp_path, capsys, mo
 
 def test_aand_paper_config_at_paper_shape(mvtec_tree, tmp_path, capsys, monkeypatch):
     _run_paper_config("aand", None, mvtec_tree, tmp_path, capsys, monkeypatch)
+
+
+@pytest.mark.notebook
+def test_dmad_notebook_trains_both_models_when_mode_is_both(tmp_path):
+    """The notebook cells behind paper.yaml's ``mode: both`` (at smoke size): two models, image results from the
+    image model, pixel results from the pixel model, the paper's pixel AUROC beside the pixel model only."""
+    papermill = pytest.importorskip("papermill")
+    params = yaml.safe_load((ROOT / "notebooks" / "params" / "dmad" / "smoke.yaml").read_text())
+    params |= {"mode": "both", "run_ablation": False, "results_dir": str(tmp_path / "results"),
+               "checkpoint_root": str(tmp_path / "checkpoints")}
+    out = papermill.execute_notebook(str(ROOT / "notebooks" / "dmad.ipynb"), str(tmp_path / "out.ipynb"),
+                                     parameters=params, kernel_name="python3", cwd=str(tmp_path), progress_bar=False)
+    results = {r["run_name"]: r for r in (json.loads(p.read_text()) for p in (tmp_path / "results").glob("*.json"))}
+    assert set(results) == {"dmad", "dmad-px"}
+    assert results["dmad"]["params"]["model_params"]["mode"] == "sp"
+    assert results["dmad-px"]["params"]["model_params"]["mode"] == "px"
+    cell = next(c for c in out.cells if c.cell_type == "code" and c.source.rstrip().endswith("\nmain"))
+    table = next(o["data"]["text/plain"] for o in cell.outputs if o["output_type"] == "execute_result")
+    brick = next(line.split() for line in table.splitlines() if line.startswith("brick"))
+    assert float(brick[1]) == pytest.approx(results["dmad"]["image_auroc"], abs=1e-4)
+    assert float(brick[2]) == pytest.approx(results["dmad-px"]["pixel_auroc"], abs=1e-4)
