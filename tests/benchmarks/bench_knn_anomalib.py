@@ -276,8 +276,10 @@ def main(argv=None) -> int:
             ok &= wall >= TARGET_SPEEDUP
             checks.append(f"speed {wall:.1f}x wall {'ok' if wall >= TARGET_SPEEDUP else 'FAIL'} ({cpu:.1f}x CPU)")
         print(f"{category:9}" + ", ".join(checks))
-    print(f"\ntargets {'met' if ok else 'NOT met'} (border <= {TARGET_BORDER}; with anomalib: quality >= anomalib - "
-          f"{TARGET_MARGIN}, wall-clock speed >= {TARGET_SPEEDUP}x)")
+    checked = f"border <= {TARGET_BORDER}" + (f", quality >= anomalib - {TARGET_MARGIN}, wall-clock speed >= "
+                                              f"{TARGET_SPEEDUP}x" if args.anomalib_python else
+                                              "; anomalib not run, so quality and speed are not checked")
+    print(f"\ntargets {'met' if ok else 'NOT met'} ({checked})")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
     return 0 if ok else 1
