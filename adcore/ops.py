@@ -18,8 +18,8 @@ import os
 import torch
 
 from kernels import reference
-from kernels._utils import (HAS_TRITON, check_anomaly_attention_inputs, check_mdn_nll_inputs,
-                            check_triton_device)
+from kernels._utils import (HAS_TRITON, check_anomaly_attention_inputs, check_fp32_precision, check_mdn_nll_inputs,
+                            check_sigma_values, check_triton_device)
 
 BACKENDS = ("auto", "triton", "torch")
 ENV_VAR = "ADCORE_BACKEND"
@@ -48,7 +48,8 @@ def _kernel_module(name: str):
 
 
 def anomaly_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor,
-                      grid_hw: tuple[int, int], eps: float = 1e-4, backend: str = "auto"):
+                      grid_hw: tuple[int, int], eps: float = 1e-4, backend: str = "auto",
+                      fp32_precision: str = "tf32"):
     """Anomaly Transformer attention on a patch grid: output plus association discrepancy.
 
     S = softmax(q k^T / sqrt(d)) per head; P_ij ∝ exp(-d_ij^2 / (2 sigma_i^2)) with d_ij the Euclidean distance of
@@ -61,6 +62,9 @@ def anomaly_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sigma: 
         grid_hw: (grid_h, grid_w); (1, N) for a 1-D sequence.
         eps: the KL smoothing constant (Anomaly Transformer's 1e-4).
         backend: "auto", "triton" or "torch" (see the module docstring).
+        fp32_precision: float32 dots of the Triton kernel on a GPU: "tf32" (tensor cores; about 1e-3 relative error
+            in the scores, see kernels/anomaly_attention.py) or "ieee" (exact, on the CUDA cores, several times
+            slower). The torch backend follows torch's own matmul settings.
 
     Returns:
         out (B, H, N, d); dis_series and dis_prior, both (B, H, N) with equal values. dis_series sends gradient only
@@ -69,15 +73,22 @@ def anomaly_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sigma: 
 
     Raises:
         ValueError: wrong ranks or shapes, N != grid_h * grid_w, mismatched devices or dtypes, non-positive or
-            non-finite sigma, an unknown backend, or a Triton backend that cannot run on these tensors.
+            non-finite sigma (not checked for the Triton backend on CUDA: NaN rows instead), an unknown backend or
+            fp32_precision, or a Triton backend that cannot run on these tensors.
     """
     # The value check (sigma > 0) reads tensor data, which an ONNX export cannot trace; shapes are still checked.
-    grid = check_anomaly_attention_inputs(q, k, v, sigma, grid_hw, eps, check_values=not torch.compiler.is_exporting())
-    if resolve_backend(backend, q.device, q.dtype) == "torch":
+    # On CUDA the Triton path skips it too (reading sigma back is a host sync on every call); the kernel writes NaN
+    # for a row whose sigma is not positive and finite instead.
+    grid = check_anomaly_attention_inputs(q, k, v, sigma, grid_hw, eps, check_values=False)
+    check_fp32_precision(fp32_precision)
+    use_torch = resolve_backend(backend, q.device, q.dtype) == "torch"
+    if not torch.compiler.is_exporting() and (use_torch or q.device.type != "cuda"):
+        check_sigma_values(sigma)
+    if use_torch:
         return reference.anomaly_attention_ref(q, k, v, sigma, grid, eps)
     mod = _kernel_module("anomaly_attention")
     check_triton_device(q, mod.INTERPRET)
-    return mod.AnomalyAttentionFunction.apply(q, k, v, sigma, grid, float(eps))
+    return mod.AnomalyAttentionFunction.apply(q, k, v, sigma, grid, float(eps), fp32_precision)
 
 
 def mdn_nll(x: torch.Tensor, logits: torch.Tensor, mu: torch.Tensor, log_var: torch.Tensor,

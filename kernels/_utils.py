@@ -107,10 +107,24 @@ def check_anomaly_attention_inputs(q, k, v, sigma, grid_hw, eps: float = 1e-4,
     if not (isinstance(eps, (int, float)) and eps > 0):
         raise ValueError(f"eps must be a positive float, got {eps!r}")
     grid = check_grid_hw(grid_hw, N)
-    if check_values and not bool(torch.all(torch.isfinite(sigma) & (sigma > 0))):
+    if check_values:
+        check_sigma_values(sigma)
+    return grid
+
+
+def check_sigma_values(sigma: torch.Tensor) -> None:
+    """Raise ValueError unless sigma is positive and finite everywhere (reads sigma: a host sync on a GPU)."""
+    if not bool(torch.all(torch.isfinite(sigma) & (sigma > 0))):
         bad = sigma[~(torch.isfinite(sigma) & (sigma > 0))].flatten()[:3].tolist()
         raise ValueError(f"sigma must be positive and finite everywhere (grid-cell units); found e.g. {bad}")
-    return grid
+
+
+FP32_PRECISIONS = ("tf32", "ieee")
+
+
+def check_fp32_precision(fp32_precision: str) -> None:
+    if fp32_precision not in FP32_PRECISIONS:
+        raise ValueError(f"fp32_precision must be one of {FP32_PRECISIONS}, got {fp32_precision!r}")
 
 
 MDN_MODES = ("logsumexp", "vtadl")

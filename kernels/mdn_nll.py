@@ -34,6 +34,7 @@ from ._utils import acc_dtype, check_mdn_nll_inputs, check_triton_device, interp
 
 INTERPRET = interpret_enabled()
 _LOG_2PI = math.log(2 * math.pi)
+_SCALARS: dict = {}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -42,15 +43,18 @@ _LOG_2PI = math.log(2 * math.pi)
 
 @triton.jit
 def _mdn_nll_fwd_kernel(
-        X, LOGITS, MU, LV, LOSS, COEF, DLOGIT,
+        X, LOGITS, MU, LV, LOSS, COEF, DLOGIT, SCAL,
         sxn, sxd, san, sak, smn, smk, smd, svn, svk, svd,
-        N, K, D, log_2pi, d_log_2pi,
+        N, K, D,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
         MODE_LSE: tl.constexpr, IS_FP64: tl.constexpr):
     # grid: (cdiv(N, BLOCK_N),). Shared parameters come with a zero row stride (san, smn or svn = 0).
-    # d_log_2pi = D log 2π comes from the host: an int-times-float product in the kernel would round to float32.
+    # SCAL = [log 2π, D log 2π] in the statistics dtype: a Python float argument would be a float32 kernel argument on
+    # a GPU (and D log 2π computed here an int-times-float32 product), too coarse for float64.
     # LOSS (N,), COEF and DLOGIT (N, K) are contiguous.
     ACC = tl.float64 if IS_FP64 else tl.float32
+    log_2pi = tl.load(SCAL)
+    d_log_2pi = tl.load(SCAL + 1)
     pid = tl.program_id(0)
     offs_n = (pid * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     offs_k = tl.arange(0, BLOCK_K)
@@ -146,12 +150,12 @@ def _mdn_nll_bwd_kernel(
 # also gets smaller tiles for occupancy.
 def _fwd_configs():
     return [triton.Config({"BLOCK_N": bn, "BLOCK_D": bd}, num_warps=4, num_stages=2)
-            for bn, bd in ((4, 512), (8, 256), (8, 512), (16, 256), (4, 256))]
+            for bn, bd in ((4, 512), (8, 256), (8, 512), (4, 256))]  # (16, 256) spilled on sm_90 (sass_report)
 
 
 def _bwd_configs():
     return [triton.Config({"BLOCK_N": bn, "BLOCK_D": bd}, num_warps=4, num_stages=2)
-            for bn, bd in ((4, 512), (8, 256), (4, 256), (8, 128), (16, 128))]
+            for bn, bd in ((4, 512), (8, 256), (4, 256), (8, 128))]  # (16, 128) spilled 1 KB on sm_90
 
 
 if not INTERPRET:
@@ -159,12 +163,21 @@ if not INTERPRET:
     _bwd_tuned = triton.autotune(_bwd_configs(), key=["N", "K", "D"])(_mdn_nll_bwd_kernel)
 
 # Backward block when a parameter is shared: the partial-sum buffer's size depends on BLOCK_N, so it is fixed.
-_SHARED_BWD_BLOCK_N, _SHARED_BWD_BLOCK_D = 32, 128
+_SHARED_BWD_BLOCK_N, _SHARED_BWD_BLOCK_D = 8, 128  # 32 x 128 spilled 2.4 KB on sm_90 (sass_report)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # launchers
 # ---------------------------------------------------------------------------------------------------------------------
+
+# Test-only: (BLOCK_N, BLOCK_D) for every launch instead of the interpreter's default or the autotuner's pick, so CPU
+# tests reach several programs (the shared parameters' cross-program reduction) and ragged D chunks.
+BLOCK_OVERRIDE: tuple[int, int] | None = None
+
+
+def _interpret_blocks(n: int, d: int) -> tuple[int, int]:
+    # The interpreter costs milliseconds per program and chunk: few, large blocks.
+    return min(64, max(2, next_power_of_2(n))), min(256, max(16, next_power_of_2(d)))
 
 def _new(shape, device, dtype):
     # NaN-initialised under the interpreter, so a missed store fails the CPU tests; uninitialised on a GPU.
@@ -185,11 +198,15 @@ def _mdn_nll_fwd(x, logits, mu, log_var, mode):
     stat = acc_dtype(x.dtype)
     loss = _new((N,), x.device, stat)
     coef, dlogit = _new((N, K), x.device, stat), _new((N, K), x.device, stat)
-    args = (x, logits, mu, log_var, loss, coef, dlogit, *x.stride(), *_row_strides(logits, 2),
-            *_row_strides(mu, 3), *_row_strides(log_var, 3), N, K, D, _LOG_2PI, D * _LOG_2PI)
+    scal = _SCALARS.get((str(x.device), stat, D))
+    if scal is None:  # built once per (device, dtype, D): a tensor per call would cost a host-to-device copy
+        scal = _SCALARS[(str(x.device), stat, D)] = torch.tensor([_LOG_2PI, D * _LOG_2PI], dtype=stat,
+                                                                  device=x.device)
+    args = (x, logits, mu, log_var, loss, coef, dlogit, scal, *x.stride(), *_row_strides(logits, 2),
+            *_row_strides(mu, 3), *_row_strides(log_var, 3), N, K, D)
     meta = dict(BLOCK_K=max(2, next_power_of_2(K)), MODE_LSE=mode == "logsumexp", IS_FP64=x.dtype == torch.float64)
-    if INTERPRET:
-        bn, bd = min(64, max(2, next_power_of_2(N))), min(256, max(16, next_power_of_2(D)))
+    if BLOCK_OVERRIDE is not None or INTERPRET:
+        bn, bd = BLOCK_OVERRIDE or _interpret_blocks(N, D)
         _mdn_nll_fwd_kernel[(triton.cdiv(N, bn),)](*args, BLOCK_N=bn, BLOCK_D=bd, **meta)
     else:
         _fwd_tuned[lambda c: (triton.cdiv(N, c["BLOCK_N"]),)](*args, **meta)
@@ -204,9 +221,13 @@ def _mdn_nll_bwd(x, mu, log_var, coef, w):
     stat = coef.dtype
     dx = _new((N, D), x.device, x.dtype)
     shared = mu_shared or lv_shared
-    if INTERPRET or shared:
-        bn = min(64, max(2, next_power_of_2(N))) if INTERPRET else _SHARED_BWD_BLOCK_N
-        bd = min(256, max(16, next_power_of_2(D))) if INTERPRET else _SHARED_BWD_BLOCK_D
+    if BLOCK_OVERRIDE is not None or INTERPRET or shared:
+        if BLOCK_OVERRIDE is not None:
+            bn, bd = BLOCK_OVERRIDE
+        elif INTERPRET:
+            bn, bd = _interpret_blocks(N, D)
+        else:
+            bn, bd = _SHARED_BWD_BLOCK_N, _SHARED_BWD_BLOCK_D
         programs = triton.cdiv(N, bn)
     else:
         programs = None
@@ -278,14 +299,14 @@ def sass_variants(dtype: str, variant):
     """Every variant the GPU launchers can pick, for ``python -m kernels.bench.sass_report``; the inner loop (over
     the K components) covers BLOCK_N x BLOCK_D parameter elements per iteration."""
     fp64 = dtype == "fp64"
-    stat = {"LOSS", "COEF", "DLOGIT", "W"}
+    stat = {"LOSS", "COEF", "DLOGIT", "W", "SCAL"}
     out = []
     for cfg in _fwd_configs():
         for lse in (True, False):
             out.append(variant("mdn_nll", "fwd", _mdn_nll_fwd_kernel, dtype,
                                dict(cfg.kwargs, BLOCK_K=16, MODE_LSE=lse, IS_FP64=fp64), cfg.num_warps,
                                cfg.num_stages, [("k", cfg.kwargs["BLOCK_N"] * cfg.kwargs["BLOCK_D"])], stat=stat,
-                               floats={"log_2pi", "d_log_2pi"}, counted=lse))
+                               counted=lse))
     shared_cfg = triton.Config({"BLOCK_N": _SHARED_BWD_BLOCK_N, "BLOCK_D": _SHARED_BWD_BLOCK_D}, num_warps=4,
                                num_stages=2)
     for cfg, shared in [(c, False) for c in _bwd_configs()] + [(shared_cfg, True)]:

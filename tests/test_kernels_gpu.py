@@ -35,10 +35,10 @@ def _attention_inputs(B, H, grid, d, dtype):
     return q, k, v, sigma
 
 
-def _attention_run(backend, inputs, grid, weights):
+def _attention_run(backend, inputs, grid, weights, fp32_precision="tf32"):
     from adcore import ops
     leaves = [t.detach().clone().requires_grad_() for t in inputs]
-    outs = ops.anomaly_attention(*leaves, grid, backend=backend)
+    outs = ops.anomaly_attention(*leaves, grid, backend=backend, fp32_precision=fp32_precision)
     torch.autograd.backward(outs, [w.to(o.dtype) for w, o in zip(weights, outs)])
     return [o.detach().float() for o in outs] + [t.grad.float() for t in leaves]
 
@@ -47,19 +47,57 @@ def _rel_err(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.float16, 1e-2), (torch.bfloat16, 2e-2)])
+# float64: exact scalars (SCAL) and libdevice's float64 exp2/log2, so only rounding; float32 TF32: 10-bit mantissas
+# in the dots (about 1e-3 relative in the scores); IEEE: the fast log2 and division (tests/test_kernels_fastlog.py).
+CASES = [(torch.float64, "ieee", 1e-9), (torch.float32, "ieee", 1e-4), (torch.float32, "tf32", 5e-3),
+         (torch.float16, "tf32", 1e-2), (torch.bfloat16, "tf32", 2e-2)]
+
+
+@pytest.mark.parametrize("dtype,precision,tol", CASES, ids=["fp64", "fp32_ieee", "fp32_tf32", "fp16", "bf16"])
 @pytest.mark.parametrize("B,H,grid,d", [(2, 4, (14, 14), 64), (1, 2, (28, 28), 32), (2, 1, (1, 100), 16)])
-def test_attention_matches_reference(kern, monkeypatch, B, H, grid, d, dtype, tol):
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)  # fp32 kernels then use IEEE dots
+def test_attention_matches_reference(kern, B, H, grid, d, dtype, precision, tol):
     inputs = _attention_inputs(B, H, grid, d, dtype)
     N = grid[0] * grid[1]
     weights = (torch.randn(B, H, N, d, device="cuda"), torch.randn(B, H, N, device="cuda") / N,
                torch.randn(B, H, N, device="cuda") / N)
-    got = _attention_run("triton", inputs, grid, weights)
+    got = _attention_run("triton", inputs, grid, weights, precision)
     want = _attention_run("torch", [t.double() for t in inputs], grid, [w.double() for w in weights])
     for name, g, w in zip(["out", "dis_series", "dis_prior", "dq", "dk", "dv", "dsigma"], got, want):
         assert torch.isfinite(g).all(), name
         assert _rel_err(g, w) < tol, (name, _rel_err(g, w))
+
+
+def _all_configs():
+    import kernels.anomaly_attention as aa
+    return sorted({(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps)
+                   for c in aa._fwd_configs() + aa._bwd_configs() + aa._bwd_dq_configs()})
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("config", _all_configs() if HAS_TRITON else [])
+def test_attention_every_config(kern, monkeypatch, config, deterministic):
+    """Every autotune config (forced for every launch through BLOCK_OVERRIDE) on a ragged, multi-tile shape."""
+    aa, _ = kern
+    monkeypatch.setattr(aa, "BLOCK_OVERRIDE", config)
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: deterministic)
+    inputs = _attention_inputs(2, 2, (14, 15), 64, torch.bfloat16)
+    N = 14 * 15
+    weights = (torch.randn(2, 2, N, 64, device="cuda"), torch.randn(2, 2, N, device="cuda") / N,
+               torch.randn(2, 2, N, device="cuda") / N)
+    got = _attention_run("triton", inputs, (14, 15), weights)
+    want = _attention_run("torch", [t.double() for t in inputs], (14, 15), [w.double() for w in weights])
+    for name, g, w in zip(["out", "dis_series", "dis_prior", "dq", "dk", "dv", "dsigma"], got, want):
+        assert _rel_err(g, w) < 2e-2, (config, name, _rel_err(g, w))
+
+
+def test_attention_more_than_65535_heads(kern):
+    """B * H = 65600 programs on one grid axis: it must be axis 0 (2^31 - 1), not axis 1 (65535)."""
+    from adcore import ops
+    q, k, v, sigma = _attention_inputs(8200, 8, (2, 2), 16, torch.float32)
+    got = ops.anomaly_attention(q, k, v, sigma, (2, 2), backend="triton", fp32_precision="ieee")
+    want = ops.anomaly_attention(q, k, v, sigma, (2, 2), backend="torch")
+    for g, w in zip(got, want):
+        assert _rel_err(g, w) < 1e-4
 
 
 def test_attention_memory_is_linear_in_n(kern):
@@ -85,13 +123,22 @@ def test_attention_memory_is_linear_in_n(kern):
 
 
 def test_attention_backward_is_deterministic(kern):
+    """With torch.use_deterministic_algorithms(True) dQ comes from the atomic-free kernel: bitwise repeatable."""
     inputs = _attention_inputs(2, 2, (14, 14), 64, torch.float16)
     weights = [torch.randn(2, 2, 196, 64, device="cuda"), torch.randn(2, 2, 196, device="cuda"),
                torch.randn(2, 2, 196, device="cuda")]
-    a = _attention_run("triton", inputs, (14, 14), weights)
-    b = _attention_run("triton", inputs, (14, 14), weights)
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        a = _attention_run("triton", inputs, (14, 14), weights)
+        b = _attention_run("triton", inputs, (14, 14), weights)
+    finally:
+        torch.use_deterministic_algorithms(prev)
     for x, y in zip(a, b):
         assert torch.equal(x, y)
+    atomic = _attention_run("triton", inputs, (14, 14), weights)  # float32 atomics: equal up to summation order
+    for x, y in zip(a, atomic):
+        assert _rel_err(y, x) < 1e-5
 
 
 def test_auto_backend_uses_triton_on_cuda(kern):

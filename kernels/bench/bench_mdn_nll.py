@@ -52,6 +52,7 @@ def main(argv=None):
     parser.add_argument("--mode", nargs="+", default=["fwd", "fwd_bwd"], choices=["fwd", "fwd_bwd"])
     parser.add_argument("--mdn-mode", default="logsumexp", choices=["logsumexp", "vtadl"])
     parser.add_argument("--quick", action="store_true", help="only the first shape")
+    parser.add_argument("--goal", action="store_true", help="only the goal shape (N=6272, K=10, D=512)")
     parser.add_argument("--no-csv", action="store_true", help="print only")
     args = parser.parse_args(argv)
     _common.require_cuda()
@@ -60,14 +61,20 @@ def main(argv=None):
     peak = _common.peak_bandwidth_gbs()
     copy_bw = _common.measured_copy_bandwidth_gbs()
     print(f"{_common.gpu_name()}: datasheet {peak} GB/s, measured copy {copy_bw:.0f} GB/s")
-    compiled = torch.compile(mdn_nll_ref)
-    provs = {
-        "triton": lambda *a: ops.mdn_nll(*a, mode=args.mdn_mode, backend="triton"),
-        "eager": lambda *a: mdn_nll_ref(*a, mode=args.mdn_mode),
-        "compile": lambda *a: compiled(*a, mode=args.mdn_mode),
-    }
+
+    def providers():
+        # Per case: a fresh dynamo and dynamic=False, so no case inherits another's compiles or the recompile limit.
+        torch._dynamo.reset()
+        compiled = torch.compile(mdn_nll_ref, dynamic=False, fullgraph=True)
+        return {
+            "triton": lambda *a: ops.mdn_nll(*a, mode=args.mdn_mode, backend="triton"),
+            "eager": lambda *a: mdn_nll_ref(*a, mode=args.mdn_mode),
+            "compile": lambda *a: compiled(*a, mode=args.mdn_mode),
+        }
+
+    torch._logging.set_logs(recompiles=True)
     rows = []
-    for N, K, D, shared in SHAPES[:1] if args.quick else SHAPES:
+    for N, K, D, shared in SHAPES[:1] if args.quick or args.goal else SHAPES:
         shape = f"N={N},K={K},D={D}" + (",shared" if shared else "")
         for dtype_name in args.dtype:
             dtype = _common.DTYPES[dtype_name]
@@ -76,7 +83,13 @@ def main(argv=None):
                 nbytes = min_bytes(N, K, D, shared, torch.finfo(dtype).bits // 8, mode)
                 upstream = torch.randn(N, device=DEVICE)
                 results = {}
+                provs = providers()
+                want = mdn_nll_ref(*(t.detach().double() for t in inputs), mode=args.mdn_mode)
                 for name, fn in provs.items():
+                    with torch.no_grad():
+                        err = ((fn(*inputs).double() - want).norm() / want.norm()).item()
+                    if not err < 1e-2:  # bf16 parameters, float32 statistics
+                        raise SystemExit(f"{name}: loss differs from the float64 reference by {err:.2e}")
                     if mode == "fwd":
                         def run(fn=fn, inputs=inputs):
                             with torch.no_grad():
@@ -85,7 +98,10 @@ def main(argv=None):
                         def run(fn=fn, inputs=inputs):
                             fn(*inputs).backward(upstream.to(torch.promote_types(dtype, torch.float32)))
                     try:
-                        results[name] = (_common.median_ms(run, grad_to_none=list(inputs)), _common.peak_extra_mb(run))
+                        run()  # compile outside the timed region; a recompile while timing is an error
+                        with torch._dynamo.config.patch(error_on_recompile=True):
+                            results[name] = (_common.median_ms(run, grad_to_none=list(inputs)),
+                                             _common.peak_extra_mb(run))
                     except torch.cuda.OutOfMemoryError:
                         torch.cuda.empty_cache()
                         results[name] = (None, None)

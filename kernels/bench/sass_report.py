@@ -15,7 +15,8 @@ It ends with one line per op: ``anomaly_attention fwd+bwd: N instructions per sc
 forward (with gradient statistics) plus backward sums for the worst bf16 config the autotuner may pick, and
 ``mdn_nll fwd+bwd: ...`` with the bandwidth check: the time to issue the loops' instructions against the time to move
 their bytes at HBM speed (H100 SXM: 3.35 TB/s; 132 SMs x 128 lanes at 1.83 GHz). Nothing runs, so it says nothing
-about latency hiding; it catches a regression in code size, registers or spills without a GPU.
+about latency hiding; it catches a regression in code size, registers or spills without a GPU. ``--budget N`` and
+``--no-spills`` turn the bf16 total and any spilling variant into a failing exit status (CI uses both).
 """
 from __future__ import annotations
 
@@ -196,8 +197,7 @@ def report(done, out=sys.stdout):
                           for lp in r["loops"])
         print(f"{v.fn:30s} {v.dtype:5s} {v.config:26s} {v.flags:22s} {r['regs']:4d} {r['spill']:5d}  {loops}"
               + (f"  !{r['warning']}" if r["warning"] else ""), file=out)
-    for op in ("anomaly_attention", "mdn_nll"):
-        _summary(op, done, out)
+    return {op: _summary(op, done, out) for op in ("anomaly_attention", "mdn_nll")}
 
 
 def _per_elem(v):
@@ -205,6 +205,8 @@ def _per_elem(v):
 
 
 def _summary(op, done, out):
+    """Print the fwd+bwd line(s) of one op; return the bf16 (instructions per element, spill bytes) or None."""
+    result = None
     for dt in sorted({v.dtype for v in done if v.op == op}):
         worst = {}
         for v in done:
@@ -229,14 +231,19 @@ def _summary(op, done, out):
         line = f"{op} fwd+bwd: {total:.0f} instructions per {unit}, {spill} spill bytes"
         if dt == "bf16":
             print(line + f" (bf16, worst config; max {regs} registers){extra}", file=out)
+            result = total, spill
         else:
             print(f"  [{dt}] " + line + f" (max {regs} registers){extra}", file=out)
+    return result
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtype", nargs="+", default=["bf16", "fp32"], choices=sorted(ELEM_BYTES))
     parser.add_argument("--match", default="", help="only kernels whose name contains this (quick looks)")
+    parser.add_argument("--budget", type=float, default=None,
+                        help="exit 1 when anomaly_attention's bf16 fwd+bwd instructions per element exceed this")
+    parser.add_argument("--no-spills", action="store_true", help="exit 1 when any variant spills")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0").strip().lower() not in ("", "0", "false", "no", "off"):
@@ -248,8 +255,15 @@ def main(argv=None):
         ctx = multiprocessing.get_context("fork")
         with concurrent.futures.ProcessPoolExecutor(max(1, args.jobs), mp_context=ctx) as pool:
             done = list(pool.map(_compile_one, range(len(_TODO))))
-    report(done)
+    totals = report(done)
     print(f"({len(done)} variants compiled in {time.time() - t0:.0f} s with {args.jobs} jobs)")
+    spills = [f"{v.fn} {v.dtype} {v.config}" for v in done if v.result["spill"]]
+    att = totals.get("anomaly_attention")
+    if args.budget is not None and att is not None and att[0] > args.budget:
+        raise SystemExit(f"anomaly_attention fwd+bwd: {att[0]:.0f} instructions per score element, over the budget "
+                         f"of {args.budget}")
+    if args.no_spills and spills:
+        raise SystemExit("spilling variants: " + "; ".join(spills))
 
 
 if __name__ == "__main__":
