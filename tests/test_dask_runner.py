@@ -83,7 +83,7 @@ def cluster(tmp_path_factory):
         with Client(address, timeout="60s") as client:
             client.wait_for_workers(3, timeout=120)
             pids = client.run(os.getpid)
-            gpu_pid = next(w["pid"] for w in client.scheduler_info()["workers"].values() if w["name"] == "gpu")
+            gpu_pid = next(pids[addr] for addr, w in client.scheduler_info()["workers"].items() if w["name"] == "gpu")
         yield {"address": address, "workers": workers, "pids": pids, "gpu_pid": gpu_pid, "logs": d}
     finally:
         for p in workers + [scheduler]:
