@@ -51,7 +51,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("notebooks", nargs="*", help="notebook names (vt_adl) or paths; default: all in notebooks/")
     r.add_argument("--grid", help="a grid YAML (notebooks, params, categories, seeds); flags below override it")
     r.add_argument("--params", nargs="+", help="parameter files: names under notebooks/params/<nb>/ (smoke, "
-                   "paper), paths to YAML files, or 'default' (the notebook's own values)")
+                   "paper), paths to YAML files, inline YAML ('{num_epochs: 3}'), or 'default' (the notebook's own "
+                   "values)")
     r.add_argument("--smoke", action="store_true", help="shorthand for --params smoke")
     r.add_argument("--categories", nargs="+", help="run each of these categories separately")
     r.add_argument("--seeds", nargs="+", type=int, help="run each of these seeds")
