@@ -66,10 +66,11 @@ def run_experiment(model_name: str, *, model_params: dict | None = None, dataset
                    run_name: str | None = None,
                    results_dir="results", checkpoint_root="checkpoints", resume: bool = True, progress: bool = True,
                    keep_models: bool = True, keep_arrays: bool = True,
-                   test_curve_every: int | None = None) -> ExperimentResult:
+                   test_curve_every: int | None = None, resample: str | None = None) -> ExperimentResult:
     """Train ``model_name`` from scratch on each category's normal images and evaluate it on the test split.
 
-    ``num_epochs``, ``lr`` and ``batch_size`` left as None come from the model's default recipe
+    ``num_epochs``, ``lr``, ``batch_size`` and ``resample`` (how images are resized) left as None come from the
+    model's default recipe
     (``adcore.get_recipe(model_name)``); the results file records the values used. ``categories=None`` runs every
     category found on disk. Checkpoints go to
     ``checkpoint_root/<run>-<dataset>-<category>-<hash>/last.pt`` so a killed run resumes where it stopped when it is
@@ -91,6 +92,11 @@ def run_experiment(model_name: str, *, model_params: dict | None = None, dataset
     if missing:
         raise ValueError(f"categories {missing} are not in dataset {dataset!r}; found {sorted(found)}")
     epochs_from_recipe = num_epochs is None
+    if resample is None:
+        try:
+            resample = get_recipe(model_name).resample
+        except ValueError:  # a model without a default recipe: the loaders' default
+            resample = "bilinear"
     if num_epochs is None or lr is None or batch_size is None:
         recipe = get_recipe(model_name).training_kwargs()
         num_epochs = recipe["num_epochs"] if num_epochs is None else num_epochs
@@ -99,11 +105,13 @@ def run_experiment(model_name: str, *, model_params: dict | None = None, dataset
     run = run_name or model_name
     params = {"model": model_name, "model_params": model_params, "dataset": dataset, "data_root": data_root,
               "image_size": image_size, "num_epochs": num_epochs, "lr": lr, "batch_size": batch_size, "seed": seed}
+    if resample != "bilinear":  # recorded when it differs from the loaders' default (older run ids stay valid)
+        params["resample"] = resample
     out = ExperimentResult()
     for category in categories:
         t0 = time.perf_counter()
-        train = load_dataset(dataset, category, "train", image_size=image_size, data_root=data_root)
-        test = load_dataset(dataset, category, "test", image_size=image_size, data_root=data_root)
+        train = load_dataset(dataset, category, "train", image_size=image_size, data_root=data_root, resample=resample)
+        test = load_dataset(dataset, category, "test", image_size=image_size, data_root=data_root, resample=resample)
         seed_everything(seed)
         model = create_model(model_name, **model_params)
         ckpt = None

@@ -27,6 +27,7 @@ class Recipe:
         batch_size: images per optimiser step.
         image_size: side of the square input in pixels.
         model_params: keyword arguments for ``create_model(name, **model_params)``.
+        resample: how images are resized to ``image_size`` (``adcore.load_dataset``'s ``resample``).
         source: provenance: the paper or code file these values come from, or the rule that chose them without test
             data.
     """
@@ -37,6 +38,7 @@ class Recipe:
     image_size: int
     model_params: dict = field(default_factory=dict)
     source: str = ""
+    resample: str = "bilinear"
 
     def __post_init__(self):
         epochs = self.num_epochs.values() if isinstance(self.num_epochs, dict) else [self.num_epochs]
@@ -48,7 +50,9 @@ class Recipe:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        clash = set(self.model_params) & set(TRAINING_KEYS)
+        if self.resample not in ("bilinear", "bicubic"):
+            raise ValueError(f"resample must be 'bilinear' or 'bicubic', got {self.resample!r}")
+        clash = set(self.model_params) & {*TRAINING_KEYS, "resample"}
         if clash:
             raise ValueError(f"model_params must not repeat the training keys {sorted(clash)}")
 
@@ -64,7 +68,7 @@ class Recipe:
         """
         out = copy.deepcopy(self.model_params)
         out.update(num_epochs=copy.deepcopy(self.num_epochs), lr=self.lr, batch_size=self.batch_size,
-                   image_size=self.image_size)
+                   image_size=self.image_size, resample=self.resample)
         if isinstance(self.num_epochs, dict):
             out.update({f"{stage}_epochs": n for stage, n in self.num_epochs.items()})
         return out

@@ -433,3 +433,20 @@ def test_cache_in_memory_switch(tmp_path):
     assert torch.equal(cached[0]["image"], first)  # served from memory
     with pytest.raises(DataError, match="unreadable"):
         lazy[0]
+
+
+def test_resample_chooses_the_resize_filter():
+    from PIL import Image
+
+    bilinear = load_dataset("textures", "brick", "train", image_size=64)
+    bicubic = load_dataset("textures", "brick", "train", image_size=64, resample="bicubic")
+    native = np.asarray(Image.open(bilinear.paths[0]).convert("RGB"))
+    want = np.asarray(Image.fromarray(native).resize((64, 64), Image.Resampling.BICUBIC), np.float32) / 255.0
+    got = bicubic[0]["image"].permute(1, 2, 0).numpy()
+    np.testing.assert_array_equal(got, want)
+    assert not np.array_equal(got, bilinear[0]["image"].permute(1, 2, 0).numpy())
+    # at the native size nothing is resized, so the filter changes nothing
+    same = load_dataset("textures", "brick", "train", image_size=128, resample="bicubic")[0]["image"]
+    np.testing.assert_array_equal(same, load_dataset("textures", "brick", "train", image_size=128)[0]["image"])
+    with pytest.raises(DataError, match="resample"):
+        load_dataset("textures", "brick", "train", image_size=64, resample="lanczos")

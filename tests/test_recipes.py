@@ -28,6 +28,8 @@ def _compare(values: dict, recipe: Recipe, where: str) -> set[str]:
              and not (isinstance(flat[k], tuple) and list(flat[k]) == values[k])}
     assert not wrong, f"{where} disagrees with the recipe (value there, recipe value): {wrong}"
     required = (set(TRAINING_KEYS) - {"num_epochs"}) | _epoch_keys(recipe)
+    if recipe.resample != "bilinear":  # the loaders' default: a recipe that differs must say so where it is run
+        required.add("resample")
     missing = required - set(values)
     assert not missing, f"{where} does not state the recipe's training settings {sorted(missing)}"
     return shared
@@ -61,6 +63,9 @@ def test_compare_catches_a_drifted_value():
     recipe = Recipe(num_epochs={"a": 2, "b": 3}, lr=0.1, batch_size=4, image_size=32, model_params={"width": 8})
     good = {"a_epochs": 2, "b_epochs": 3, "lr": 0.1, "batch_size": 4, "image_size": 32, "width": 8}
     assert _compare(good, recipe, "x") == set(good)
+    bicubic = Recipe(num_epochs=1, lr=0.1, batch_size=4, image_size=32, resample="bicubic")
+    with pytest.raises(AssertionError, match="resample"):
+        _compare({"num_epochs": 1, "lr": 0.1, "batch_size": 4, "image_size": 32}, bicubic, "x")
     with pytest.raises(AssertionError, match="width"):
         _compare({**good, "width": 16}, recipe, "x")
     with pytest.raises(AssertionError, match="b_epochs"):
@@ -70,6 +75,8 @@ def test_compare_catches_a_drifted_value():
 def test_recipe_refuses_bad_values_and_unknown_recipes():
     with pytest.raises(ValueError, match="num_epochs"):
         Recipe(num_epochs=-1, lr=0.1, batch_size=4, image_size=32)
+    with pytest.raises(ValueError, match="resample"):
+        Recipe(num_epochs=1, lr=0.1, batch_size=4, image_size=32, resample="nearest")
     with pytest.raises(ValueError, match="training keys"):
         Recipe(num_epochs=1, lr=0.1, batch_size=4, image_size=32, model_params={"lr": 1})
     with pytest.raises(ValueError, match="no 'nightly' recipe"):

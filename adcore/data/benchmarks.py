@@ -110,7 +110,8 @@ def _as_folder_root(name: str) -> Path:
 
 
 def load_dataset(name_or_root: str, category: str, split: str, *, image_size: int | None = None,
-                 mask_size: int | None = None, data_root=None, cache_in_memory: bool | None = None) -> AnomalyDataset:
+                 mask_size: int | None = None, data_root=None, cache_in_memory: bool | None = None,
+                 resample: str = "bilinear") -> AnomalyDataset:
     """Load one split of one category as an :class:`AnomalyDataset`.
 
     Args:
@@ -119,7 +120,8 @@ def load_dataset(name_or_root: str, category: str, split: str, *, image_size: in
         category: a category of that benchmark (see :func:`list_categories`).
         split: ``"train"`` or ``"test"``.
         image_size: output side S; None keeps the native size (all images of the category must share one square
-            size). Images are resized with antialiased bilinear.
+            size). Images are resized with antialiased ``resample`` (``"bilinear"``, or ``"bicubic"`` as AAND's
+            code does).
         mask_size: output mask side; None means ``image_size``. Masks are resized with nearest neighbour.
         data_root: the benchmark's root folder; for ``textures`` the cache folder (default ``$ADCORE_DATA_DIR`` or
             ``~/.cache/adcore``).
@@ -136,7 +138,7 @@ def load_dataset(name_or_root: str, category: str, split: str, *, image_size: in
     cache = embedded if cache_in_memory is None else cache_in_memory
     if name == "digits":
         from . import digits
-        return digits.load(category, split, image_size=image_size, mask_size=mask_size)
+        return digits.load(category, split, image_size=image_size, mask_size=mask_size, resample=resample)
     if name == "textures":
         from . import textures
         root = textures.build(data_root)
@@ -153,7 +155,7 @@ def load_dataset(name_or_root: str, category: str, split: str, *, image_size: in
         name = root.resolve().name
     cat_root = str(root / category) if name != "visa" else str(root)
     return AnomalyDataset(name, category, split, samples, image_size=image_size, mask_size=mask_size,
-                          has_masks=True, cache_in_memory=cache, root=cat_root)
+                          has_masks=True, cache_in_memory=cache, root=cat_root, resample=resample)
 
 
 __all__ = ["BENCHMARKS", "category_dir", "list_categories", "load_dataset"]

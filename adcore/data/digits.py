@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .folder import AnomalyDataset, DataError, Sample, check_split
+from .folder import AnomalyDataset, DataError, Sample, check_resample, check_split
 
 CATEGORIES = tuple(str(d) for d in range(10))
 NATIVE_SIZE = 32  # 8x8 upsampled 4x: large enough for a patch-16 ViT to see a 2x2 token grid
@@ -24,13 +24,13 @@ SEED = 0
 
 
 @functools.lru_cache(maxsize=4)
-def _images(size: int) -> tuple[np.ndarray, np.ndarray]:
-    """All 1797 digits as (N, size, size, 3) uint8 and their (N,) targets; 8×8 → size with bilinear."""
+def _images(size: int, resample: str = "bilinear") -> tuple[np.ndarray, np.ndarray]:
+    """All 1797 digits as (N, size, size, 3) uint8 and their (N,) targets; 8×8 → size with ``resample``."""
     from sklearn.datasets import load_digits  # bundled with scikit-learn, no download
 
     bunch = load_digits()
     x = torch.from_numpy(bunch.images.astype(np.float32) / 16.0)[:, None]  # (N, 1, 8, 8), values 0..16
-    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=size < 8)
+    x = F.interpolate(x, size=(size, size), mode=check_resample(resample), align_corners=False, antialias=size < 8)
     x = (x.clamp(0, 1) * 255.0).round().to(torch.uint8)[:, 0].numpy()
     return np.repeat(x[..., None], 3, axis=-1), bunch.target.astype(np.int64)
 
@@ -46,7 +46,8 @@ def split_indices(digit: int, targets: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return train, test_normal, anomalous
 
 
-def load(category: str, split: str, *, image_size: int | None = None, mask_size: int | None = None) -> AnomalyDataset:
+def load(category: str, split: str, *, image_size: int | None = None, mask_size: int | None = None,
+         resample: str = "bilinear") -> AnomalyDataset:
     """One split of ``digits``; ``category`` is the normal digit, ``"0"`` to ``"9"``."""
     split = check_split(split)
     if str(category) not in CATEGORIES:
@@ -54,10 +55,10 @@ def load(category: str, split: str, *, image_size: int | None = None, mask_size:
     if image_size is not None and (not isinstance(image_size, (int, np.integer)) or image_size <= 0):
         raise DataError(f"image_size must be a positive int or None, got {image_size!r}")
     size = NATIVE_SIZE if image_size is None else int(image_size)
-    images, targets = _images(size)
+    images, targets = _images(size, resample)
     train, test_normal, anomalous = split_indices(int(category), targets)
     index = train if split == "train" else np.concatenate([test_normal, anomalous])
     samples = [Sample(f"sklearn-digits/{i}", int(targets[i] != int(category)),
                       "good" if targets[i] == int(category) else f"digit_{targets[i]}") for i in index]
     return AnomalyDataset("digits", str(category), split, samples, image_size=size, mask_size=mask_size,
-                          has_masks=False, cache_in_memory=True, arrays=images[index])
+                          has_masks=False, cache_in_memory=True, arrays=images[index], resample=resample)

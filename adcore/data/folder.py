@@ -173,16 +173,26 @@ def _load(path: str) -> Image.Image:
         raise DataError(f"image file {path!r} is unreadable or truncated ({type(e).__name__}: {e})") from e
 
 
-def read_image(path: str, size: int | None) -> np.ndarray:
-    """(S, S, 3) uint8; grey and palette images are repeated/expanded to RGB, resized with antialiased bilinear."""
+# PIL filters for resizing images; "bilinear" is the project's default, "bicubic" what AAND's code uses.
+RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+
+
+def check_resample(resample: str) -> str:
+    if resample not in RESAMPLE:
+        raise DataError(f"resample must be one of {sorted(RESAMPLE)}, got {resample!r}")
+    return resample
+
+
+def read_image(path: str, size: int | None, resample: str = "bilinear") -> np.ndarray:
+    """(S, S, 3) uint8; grey and palette images are repeated/expanded to RGB, resized with antialiased ``resample``."""
     im = _load(path)
     if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grey: scale to 8 bit rather than clip
         arr = np.asarray(im, dtype=np.float64)
         im = Image.fromarray(np.round(arr * 255.0 / (65535.0 if arr.max() > 255 else 255.0)).astype(np.uint8))
     im = im.convert("RGB")
     if size is not None and im.size != (size, size):
-        # PIL widens the bilinear filter's support when downscaling, which is what antialiasing means here
-        im = im.resize((size, size), Image.Resampling.BILINEAR)
+        # PIL widens the filter's support when downscaling, which is what antialiasing means here
+        im = im.resize((size, size), RESAMPLE[check_resample(resample)])
     return np.asarray(im, dtype=np.uint8)
 
 
@@ -228,8 +238,10 @@ class AnomalyDataset(Dataset):
 
     def __init__(self, name: str, category: str, split: str, samples: list[Sample], *, image_size: int | None = None,
                  mask_size: int | None = None, has_masks: bool = True, cache_in_memory: bool = False,
-                 root: str | None = None, arrays: np.ndarray | None = None, check_files: bool = True):
+                 root: str | None = None, arrays: np.ndarray | None = None, check_files: bool = True,
+                 resample: str = "bilinear"):
         self.name, self.category, self.split = name, category, check_split(split)
+        self.resample = check_resample(resample)
         if not samples:
             raise DataError(f"{name}/{category}/{split}: no samples")
         for arg, value in (("image_size", image_size), ("mask_size", mask_size)):
@@ -274,9 +286,9 @@ class AnomalyDataset(Dataset):
         if self._arrays is not None:
             image = self._arrays[index]
             if image.shape[0] != self.image_size:
-                image = np.asarray(Image.fromarray(image).resize((self.image_size,) * 2, Image.Resampling.BILINEAR))
+                image = np.asarray(Image.fromarray(image).resize((self.image_size,) * 2, RESAMPLE[self.resample]))
             return image, np.zeros((self.mask_size, self.mask_size), np.uint8)
-        image = read_image(s.path, self.image_size)
+        image = read_image(s.path, self.image_size, self.resample)
         if s.mask_path is None:
             mask = np.zeros((self.mask_size, self.mask_size), np.uint8)
         else:

@@ -208,7 +208,8 @@ class AAND(ReverseDistillation):
                    "budget; lr is the code's. Epochs: Stage I 4 and Stage II at most 8 by the CPU budget (the "
                    "notebook's main run and two ablations over three categories in the book's ~8 minutes on 2 cores), "
                    "and 8 is the best of 2/4/6/8 Stage-II epochs on the synthetic-anomaly validation curve of "
-                   "held-out training images (adcore/validation_curves/aand.json); no test data."),
+                   "held-out training images (adcore/validation_curves/aand.json); no test data. Images resized "
+                   "bicubically, as AAND's code does.", resample="bicubic"),
         "paper": Recipe(
             num_epochs={"amplify": 100, "distill": 120}, lr=0.005, batch_size=16, image_size=256,
             model_params=dict(backbone="wide_resnet50_2", num_items=50, hard_k=10, clean_prob=0.2,
@@ -216,9 +217,9 @@ class AAND(ReverseDistillation):
                               decoder_blocks=(3, 4, 6), decoder_ratio=0.5, milestones_amplify=(80, 90),
                               milestones_distill=(96, 108)),
             source="Hui-design/AAND train.py: Stage I 100 epochs, MultiStepLR [80, 90] x0.2; Stage II 120 epochs, "
-                   "[96, 108] x0.2; Adam lr 0.005 betas (0.5, 0.999); batch 16; 256 px (resized bicubically there, "
-                   "with antialiased bilinear here as for every method); WideResNet-50-2; the student is RD4AD's "
-                   "BN_layer + de_wide_resnet50_2 (hq-deng/RD4AD), full width."),
+                   "[96, 108] x0.2; Adam lr 0.005 betas (0.5, 0.999); batch 16; 256 px, resized bicubically as "
+                   "there; WideResNet-50-2; the student is RD4AD's BN_layer + de_wide_resnet50_2 (hq-deng/RD4AD), "
+                   "full width.", resample="bicubic"),
     }
 
     def __init__(self, amplify: bool = True, num_items: int = 50, temperature: float = 0.2, focal_alpha: float = 0.8,
