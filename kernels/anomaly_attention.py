@@ -417,9 +417,17 @@ def _anomaly_attention_bwd_dq_kernel(
 # The backward's (keys, queries) tiles hold seven per-query vectors per column a thread owns, and dK, dV
 # (BLOCK_N x d) besides: narrow query tiles (BLOCK_M = 16) keep it within 255 registers; BLOCK_M = 32 spilled.
 # The interpreter bypasses the autotuner (it needs a driver) and uses _interpret_blocks() or BLOCK_OVERRIDE.
-def _fwd_configs():
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=2)
-            for bm, bn, w in ((64, 64, 8), (64, 32, 4), (128, 32, 8))]
+def _fwd_configs(fp32: bool = False):
+    # float32 operands take twice the registers of bf16 ones: only 64 x 32 with 8 warps stays spill-free.
+    tiles = ((64, 32, 8),) if fp32 else ((64, 64, 8), (64, 32, 4), (128, 32, 8))
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=2) for bm, bn, w in tiles]
+
+
+def _fwd_prune(configs, named_args, **kwargs):
+    # The autotuner holds the union of both lists; each launch keeps its dtype's.
+    fp32 = named_args["Q"].dtype == torch.float32
+    keep = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps) for c in _fwd_configs(fp32)}
+    return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps) in keep]
 
 
 def _bwd_configs():
@@ -429,13 +437,14 @@ def _bwd_configs():
 
 def _bwd_dq_configs():
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=2)
-            for bm, bn, w in ((64, 64, 8), (64, 32, 4))]
+            for bm, bn, w in ((64, 64, 8), (32, 64, 4))]
 
 
 _TUNE_KEY = ["N", "GW", "D_HEAD", "BLOCK_D"]
 if not INTERPRET:
-    _fwd_tuned = triton.autotune(_fwd_configs(), key=_TUNE_KEY + ["STATS", "IS_FP64", "PRECISION"])(
-        _anomaly_attention_fwd_kernel)
+    _fwd_tuned = triton.autotune(_fwd_configs() + _fwd_configs(fp32=True),
+                                 key=_TUNE_KEY + ["STATS", "IS_FP64", "PRECISION"],
+                                 prune_configs_by={"early_config_prune": _fwd_prune})(_anomaly_attention_fwd_kernel)
     # reset_to_zero: the autotuner launches each config several times, and DQ accumulates.
     _bwd_tuned = triton.autotune(_bwd_configs(), key=_TUNE_KEY + ["HAS_DO", "HAS_WS", "DQ_ATOMIC", "IS_FP64",
                                                                   "PRECISION"], reset_to_zero=["DQ"])(
@@ -664,7 +673,7 @@ def sass_variants(dtype: str, variant):
     prec = "ieee" if dtype == "fp64" else "tf32"
     stat = {"SCAL", "LSE", "LOGZ", "DIS", "GSER", "DSIG", "DELTA", "WS", "DQ"}
     out = []
-    for cfg in _fwd_configs():
+    for cfg in _fwd_configs(fp32=dtype == "fp32"):
         bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
         for stats in (True, False):
             out.append(variant("anomaly_attention", "fwd", _anomaly_attention_fwd_kernel, dtype,

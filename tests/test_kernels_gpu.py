@@ -70,7 +70,8 @@ def test_attention_matches_reference(kern, B, H, grid, d, dtype, precision, tol)
 def _all_configs():
     import kernels.anomaly_attention as aa
     return sorted({(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps)
-                   for c in aa._fwd_configs() + aa._bwd_configs() + aa._bwd_dq_configs()})
+                   for c in aa._fwd_configs() + aa._fwd_configs(fp32=True) + aa._bwd_configs()
+                   + aa._bwd_dq_configs()})
 
 
 @pytest.mark.parametrize("deterministic", [False, True])
