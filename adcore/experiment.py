@@ -13,7 +13,7 @@ from pathlib import Path
 from .data import list_categories, load_dataset
 from .evaluation import evaluate, image_scores
 from .registry import create_model, get_recipe
-from .training import fit
+from .training import finished_copy, fit
 from .utils import atomic_write_bytes, params_hash, seed_everything
 
 METRICS = ("image_auroc", "pixel_auroc", "aupro")
@@ -41,7 +41,7 @@ class ExperimentResult:
 CURVE_METRICS = ("image_auroc", "image_auroc_map_max", "pixel_auroc", "aupro")
 
 
-def _test_curve_hook(model, test, every: int, ckpt, resume: bool, **kw):
+def _test_curve_hook(model, train, test, every: int, ckpt, resume: bool, **kw):
     """(curve list, fit epoch_end hook) that appends test metrics after every ``every``-th epoch of the last stage."""
     if isinstance(every, bool) or not isinstance(every, int) or every < 1:
         raise ValueError(f"test_curve_every must be a positive int or None, got {every!r}")
@@ -52,7 +52,7 @@ def _test_curve_hook(model, test, every: int, ckpt, resume: bool, **kw):
     def hook(m, stage, epoch):
         if stage != last_stage or epoch % every or any(c["epoch"] == epoch for c in curve):
             return
-        r = evaluate(m, test, write=False, **kw)
+        r = evaluate(finished_copy(m, train, kw["batch_size"]), test, write=False, **kw)
         curve.append({"stage": stage, "epoch": epoch, **{k: r[k] for k in CURVE_METRICS}})
         if path is not None:
             atomic_write_bytes(path, json.dumps(curve).encode())
@@ -122,7 +122,7 @@ def run_experiment(model_name: str, *, model_params: dict | None = None, dataset
             epochs = {stage: n for stage, n in epochs.items() if stage in model.stages}
         curve, hook = None, None
         if test_curve_every:
-            curve, hook = _test_curve_hook(model, test, test_curve_every, ckpt, resume and ckpt is not None,
+            curve, hook = _test_curve_hook(model, train, test, test_curve_every, ckpt, resume and ckpt is not None,
                                            batch_size=batch_size, device=device)
         history = fit(model, train, num_epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, device=device,
                       checkpoint_dir=ckpt, resume=resume and ckpt is not None, progress=progress, epoch_end=hook)

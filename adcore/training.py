@@ -78,6 +78,21 @@ def _epochs_per_stage(model: AnomalyModel, num_epochs) -> dict[str, int]:
     return out
 
 
+def finished_copy(model: AnomalyModel, train_data, batch_size: int = 8) -> AnomalyModel:
+    """A copy of ``model`` as ``fit`` would return it if training stopped now: in eval mode, with ``on_fit_end`` run
+    on ``train_data`` (the statistics some models score with: ADViT's discrepancy, DMAD's min-max, a memory bank).
+
+    For scoring inside an ``epoch_end`` hook: the model being trained is never touched, so its training goes on
+    exactly as without the hook.
+    """
+    import copy
+
+    done = copy.deepcopy(model)
+    done.eval()
+    done.on_fit_end(_loader(train_data, batch_size, shuffle=False))
+    return done
+
+
 def _recipe_defaults(model: AnomalyModel, num_epochs, lr, batch_size):
     """Fill the training arguments left as None from the model's default recipe."""
     if num_epochs is not None and lr is not None and batch_size is not None:
@@ -115,7 +130,8 @@ def fit(model: AnomalyModel, train_data, *, num_epochs=None, lr: float | None = 
         progress: show a tqdm bar with the running loss.
         epoch_end: optional ``epoch_end(model, stage, epoch)`` called after every finished epoch (``epoch`` counts
             from 1), after its checkpoint; ``adcore.validation`` uses it to score a held-out set. The random state
-            is restored after the call, so it cannot change the training that follows.
+            is restored after the call, so it cannot change the training that follows. ``on_fit_end`` has not run
+            yet at that point: score :func:`finished_copy` of the model, not the model itself.
 
     Returns:
         The training history: one dict per optimiser step (stage, epoch, step, loss, and the model's other logged

@@ -33,7 +33,7 @@ from .data import list_categories, load_dataset
 from .evaluation import predict_dataset
 from .metrics import image_auroc, pixel_auroc
 from .registry import create_model
-from .training import fit
+from .training import finished_copy, fit
 from .utils import atomic_write_json, seed_everything
 
 __all__ = ["SyntheticValidationSet", "choose_epochs", "epoch_curve", "load_curve", "stored_curve"]
@@ -104,9 +104,11 @@ def epoch_curve(model_name: str, *, model_params: dict | None = None, dataset: s
         model = create_model(model_name, **(model_params or {}))
         last = _curve_stage(model, lr, fixed_epochs)
 
-        def score(model, stage, epoch, _category=category, _val=val, _last=last):
+        def score(model, stage, epoch, _category=category, _val=val, _last=last, _fitting=fitting):
             if stage == _last and epoch in epochs:
-                arrays = predict_dataset(model, _val, batch_size=batch_size, device=device)
+                # scored as fit would leave it (on_fit_end's statistics from the fitting images), on a copy
+                done = finished_copy(model, _fitting, batch_size)
+                arrays = predict_dataset(done, _val, batch_size=batch_size, device=device)
                 curves[_category][epoch] = {
                     "pixel_auroc": round(float(pixel_auroc(arrays["maps"], arrays["masks"])), 4),
                     "image_auroc": round(float(image_auroc(arrays["labels"], arrays["map_scores"])), 4)}

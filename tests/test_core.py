@@ -252,5 +252,10 @@ def test_test_curve_is_measured_without_changing_training(tmp_path):
     # a rerun resumes from the finished checkpoint and keeps the curve written beside it
     again = run_experiment("_toy_ae", checkpoint_root=tmp_path, test_curve_every=2, **kw).results[0]
     assert again["test_curve"] == r1["test_curve"]
+    # the last epoch's point is the finished model, so it equals the final evaluation
+    every = run_experiment("_toy_ae", checkpoint_root=None, test_curve_every=1, **kw).results[0]
+    assert [c["epoch"] for c in every["test_curve"]] == [1, 2, 3]
+    assert {k: every["test_curve"][-1][k] for k in ("image_auroc", "pixel_auroc", "aupro")} == \
+        {k: every[k] for k in ("image_auroc", "pixel_auroc", "aupro")}
     with pytest.raises(ValueError, match="test_curve_every"):
         run_experiment("_toy_ae", checkpoint_root=None, test_curve_every=0.5, **kw)
