@@ -57,8 +57,9 @@ class Variant:
 
     @property
     def config(self):
-        keep = {k: v for k, v in self.consts.items() if k.startswith("BLOCK_") and k not in ("BLOCK_D", "BLOCK_G",
-                                                                                              "BLOCK_K")}
+        # BLOCK_D is the head dim for attention (fixed at 64 here) but a tuned chunk for the MDN.
+        skip = ("BLOCK_G", "BLOCK_K") + (("BLOCK_D",) if self.op == "anomaly_attention" else ())
+        keep = {k: v for k, v in self.consts.items() if k.startswith("BLOCK_") and k not in skip}
         return " ".join(f"{k[6:]}={v}" for k, v in keep.items()) + f" w={self.num_warps} s={self.num_stages}"
 
     @property
