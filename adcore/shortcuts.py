@@ -9,7 +9,9 @@ and returns rows ``{paper, shortcut, category, honest, shortcut_value}``. The sh
   400 epochs, so the reported number can be the best of those evaluations.
 * AAND (``train.py``) keeps the Stage-II epoch with the best test I-AUROC + P-AUROC, and stops as soon as the test
   I-AUROC passes 0.999.
-* VT-ADL (``test.py``) reports a pixel ROC-AUC under the name "PRO".
+* VT-ADL (``test.py``) reports a pixel ROC-AUC under the name "PRO", and its image score adds SSIM where it meant
+  1 − SSIM (the VT-ADL notebook scores its trained models both ways, as ``<run>-score-code`` and
+  ``<run>-score-paper`` results).
 * Everyone who prints an F1 (anomalib's ``F1Max``, AAND's best-F1 threshold) picks the threshold on the test set.
 
 The honest number is always the fixed last epoch with the project's one protocol. The test curves behind the
@@ -78,17 +80,41 @@ def vtadl_rows(results) -> list[dict]:
             and r.get("vtadl_pro") is not None]
 
 
-def shortcut_rows(results) -> list[dict]:
-    """Every shortcut row for every result, paper by paper."""
+def vtadl_score_rows(variants) -> list[dict]:
+    """VT-ADL's image score as its code computes it (+SSIM) against the same score with the sign fixed (+1 − SSIM).
+
+    Args:
+        variants: results that include the ``<run>-score-code`` and ``<run>-score-paper`` evaluations of the same
+            trained models (paired by run key, when present, and category).
+    """
+    by_key = {}
+    for r in variants:
+        name = r.get("run_name", "")
+        for kind in ("code", "paper"):
+            if r["model"] == "vt_adl" and name.endswith(f"-score-{kind}"):
+                by_key.setdefault((r.get("run_key"), r["category"], name[: -len(f"-score-{kind}")]), {})[kind] = r
+    rows = []
+    for (_, _, run), pair in sorted(by_key.items(), key=str):
+        if set(pair) == {"code", "paper"}:
+            row = _row("VT-ADL", "image score with the code's SSIM sign (MSE + SSIM + max NLL)", pair["code"],
+                       pair["paper"]["image_auroc"], pair["code"]["image_auroc"], "image AUROC")
+            rows.append({**row, "method": run})
+    return rows
+
+
+def shortcut_rows(results, variants=()) -> list[dict]:
+    """Every shortcut row, paper by paper: ``results`` are the runs' main results, ``variants`` any further
+    evaluations (VT-ADL's two image scores)."""
     results = list(results)
-    return dmad_rows(results) + aand_rows(results) + vtadl_rows(results) + f1_threshold_rows(results)
+    return (dmad_rows(results) + aand_rows(results) + vtadl_rows(results) + vtadl_score_rows(variants)
+            + f1_threshold_rows(results))
 
 
-def shortcut_table(results):
+def shortcut_table(results, variants=()):
     """A pandas DataFrame of :func:`shortcut_rows` averaged over categories, with the gain each shortcut buys."""
     import pandas as pd
 
-    rows = shortcut_rows(results)
+    rows = shortcut_rows(results, variants)
     if not rows:
         return pd.DataFrame(columns=["paper", "shortcut", "method", "metric", "categories", "honest",
                                      "shortcut_value", "gain"])

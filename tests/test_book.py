@@ -68,7 +68,7 @@ def book(tmp_path_factory):
     grid = tmp / "grid.yaml"
     grid.write_text(f"notebooks: [{nb}]\nparams: [default]\n")
     out = book_builder.build_book(grid=grid, runs_dir=tmp / "runs", book_dir=REPO / "book", out_dir=tmp / "out",
-                            chapters=("comparison",), progress=False)
+                            chapters=("comparison", "shortcuts"), progress=False)
     assert not out["failed"], [batch._describe_error(s) for s in out["failed"]]
     return out["html"], out["stage"]
 
@@ -199,6 +199,10 @@ def test_a_reader_sees_every_chapter_the_table_and_a_working_slider(book, browse
             cells = page.locator("article table td").all_inner_texts()
             numbers = [c for c in cells if re.fullmatch(r"\s*[01]\.\d{3}\s*", c)]
             assert len(numbers) >= 3, f"the comparison table holds no numbers: {cells[:20]}"
+            assert "center_prior" in page.locator("article").inner_text(), "the model-free floor is not shown"
+        if "shortcuts" in path.name:  # the stand-in's kNN run has a training-image threshold: the F1 row is there
+            body = page.locator("article").inner_text()
+            assert "F1 at the best threshold on the test set" in body, "the shortcuts chapter shows no shortcut"
         if viewer_page is None and STATE_RE.search(path.read_text()) and "viewer" in path.read_text():
             viewer_page = path
     assert viewer_page is not None, "no page with a viewer"

@@ -359,3 +359,18 @@ def test_non_finite_loss_names_epoch_and_step(tmp_path):
         model.mdn.mu.weight[0, 0] = float("nan")
     with pytest.raises(NonFiniteLossError, match="epoch 1/2, step 1"):
         adcore.fit(model, _dataset(), num_epochs=2, lr=1e-3, batch_size=3, checkpoint_dir=tmp_path, progress=False)
+
+
+def test_code_image_score_keeps_the_ssim_sign_bug():
+    images = _images(3)
+    paper = _model("vt_adl", image_score="paper").eval()
+    code = _model("vt_adl", image_score="code").eval()
+    code.load_state_dict(paper.state_dict())
+    assert code.own_image_score
+    tokens, _ = paper.encoder(images)
+    s = ssim(images, paper.decode(tokens), reduction="none")
+    # the two scores differ by exactly (SSIM) − (1 − SSIM) = 2·SSIM − 1 per image
+    diff = code.predict(images).pred_score - paper.predict(images).pred_score
+    assert torch.allclose(diff, 2 * s - 1, atol=1e-5)
+    advit = _model("advit", image_score="code").eval()
+    assert advit.own_image_score and advit.predict(images).pred_score.shape == (3,)

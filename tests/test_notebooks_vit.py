@@ -13,7 +13,8 @@ pytestmark = pytest.mark.notebook
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 PAPERS = ("vt_adl", "advit", "anovit")
 # result files each smoke run must write: the main run and its ablations, one per category
-EXPECTED_RUNS = {"vt_adl": ("vt_adl", "vt_adl-no-noise", "vt_adl-k4", "vt_adl-mdn-unconditional"),
+EXPECTED_RUNS = {"vt_adl": ("vt_adl", "vt_adl-no-noise", "vt_adl-k4", "vt_adl-mdn-unconditional", "vt_adl-score-code",
+                            "vt_adl-score-paper"),
                  "advit": ("advit", "advit-no-minimax", "advit-no-assoc-score", "advit-global-norm"),
                  "anovit": ("anovit", "anovit-conv-ae")}
 

@@ -53,3 +53,13 @@ def test_table_averages_over_categories_and_states_the_gain():
     assert pro["categories"] == 2 and pro["honest"] == pytest.approx(0.6)
     assert pro["shortcut_value"] == pytest.approx(0.85) and pro["gain"] == pytest.approx(0.25)
     assert shortcuts.shortcut_table([]).empty
+
+
+def test_vtadl_score_rows_pair_the_two_scores_of_one_model():
+    code = result("vt_adl", "brick", run_name="vt_adl-score-code", image_auroc=0.55, run_key="k")
+    paper = result("vt_adl", "brick", run_name="vt_adl-score-paper", image_auroc=0.75, run_key="k")
+    lone = result("vt_adl", "grass", run_name="vt_adl-score-code", image_auroc=0.5, run_key="k")
+    rows = shortcuts.vtadl_score_rows([code, paper, lone, result("vt_adl")])
+    assert [(x["category"], x["honest"], x["shortcut_value"], x["method"]) for x in rows] == \
+        [("brick", 0.75, 0.55, "vt_adl")]
+    assert len(shortcuts.shortcut_rows([], [code, paper])) == 1

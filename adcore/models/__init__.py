@@ -8,8 +8,8 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
-#: The kNN baseline first, then the five papers in the book's order.
-MODEL_MODULES = ("knn", "vt_adl", "advit", "anovit", "dmad", "aand")
+#: The kNN baseline and the centre-prior reference first, then the five papers in the book's order.
+MODEL_MODULES = ("knn", "center_prior", "vt_adl", "advit", "anovit", "dmad", "aand")
 
 for _name in MODEL_MODULES:
     if (Path(__file__).parent / f"{_name}.py").is_file():

@@ -44,7 +44,6 @@ import torch
 from ..recipes import Recipe
 from ..registry import register_model
 from ..types import AnomalyOutput
-from .vit import ssim
 from .vt_adl import DEFAULT_MODEL_PARAMS, PAPER_MODEL_PARAMS, VTADL, check_choice
 
 ASSOC_NORMS = ("position", "global")
@@ -69,7 +68,7 @@ class ADViT(VTADL):
     attention = "anomaly"
     class_token = False
     recipes = {
-        "default": Recipe(num_epochs=5, lr=1e-3, batch_size=8, image_size=64,
+        "default": Recipe(num_epochs=15, lr=1e-3, batch_size=8, image_size=64,
                           model_params={**DEFAULT_MODEL_PARAMS, **ASSOCIATION_PARAMS},
                           source="VT-ADL's CPU default plus Anomaly Transformer's k; num_epochs from the synthetic-"
                                  "anomaly validation curve (adcore/validation_curves/advit.json)"),
@@ -141,8 +140,6 @@ class ADViT(VTADL):
         z = ((series - mean) / std).clamp(-20, 20)  # keeps exp finite on outliers
         patch_score = nll * torch.exp(-self.assoc_weight * z)
         score = patch_score.amax(1)
-        if self.image_score == "paper":
-            recon = self.decode(tokens)
-            mse = (recon - images).pow(2).flatten(1).mean(1)
-            score = mse + (1 - ssim(images, recon, reduction="none")) + score
+        if self.image_score != "map":
+            score = self.reconstruction_score(images, tokens, score)
         return AnomalyOutput(pred_score=score, anomaly_map=patch_score.view(-1, *self.grid_hw))

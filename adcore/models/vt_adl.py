@@ -21,8 +21,9 @@ What differs, and why:
 
 * Bug fixes: the code zeroes only the autoencoder's gradients, so the MDN's accumulate across steps — here one
   optimiser zeroes all of them (``adcore.fit``); the code's image score adds SSIM instead of 1 − SSIM — here
-  ``image_score="paper"`` uses MSE + (1 − SSIM) + max-patch NLL. The default image score is the project's shared
-  protocol (max of the smoothed map).
+  ``image_score="paper"`` uses MSE + (1 − SSIM) + max-patch NLL, and ``image_score="code"`` keeps the bug (MSE + SSIM
+  + max-patch NLL) so that the shortcuts chapter can measure what it costs. The default image score is the project's
+  shared protocol (max of the smoothed map).
 * ``mdn_mode="logsumexp"`` is offered as the corrected mixture likelihood.
 * The paper describes the MDN as a Gaussian mixture *over the patch embeddings*; the code makes π, μ and σ linear
   functions of the very embedding they score. The default follows the code; ``mdn_conditional=False`` is the paper's
@@ -49,7 +50,7 @@ from ..types import AnomalyModel, AnomalyOutput
 from .vit import ConvDecoder, MDNHead, ViTEncoder, check_images, squash, ssim
 
 MDN_MODES = ("vtadl", "logsumexp")
-IMAGE_SCORES = ("map", "paper")
+IMAGE_SCORES = ("map", "paper", "code")
 
 #: VT-ADL's own settings: the paper's Table I as quoted in pankajmishra000/VT-ADL issue #4 (Adam, lr 1e-4, weight decay
 #: 1e-4, batch 8, 400 epochs, K = 150, 64-px patches) and the code's defaults for the rest (``train.py``: 512-px
@@ -86,8 +87,9 @@ class VTADL(AnomalyModel):
         recon_weight, ssim_weight, mdn_weight: loss weights (5, 0.5, 1 in the code).
         weight_decay: Adam weight decay (1e-4 in the code).
         decoder_width: channels after the decoder's first upsampling.
-        image_score: ``"map"`` (max of the smoothed map, the shared protocol) or ``"paper"`` (MSE + (1 − SSIM) +
-            max-patch NLL, the code's score with its SSIM sign fixed).
+        image_score: ``"map"`` (max of the smoothed map, the shared protocol), ``"paper"`` (MSE + (1 − SSIM) +
+            max-patch NLL, the code's score with its SSIM sign fixed) or ``"code"`` (MSE + SSIM + max-patch NLL, as
+            the code computes it).
         backend: ``adcore.ops`` backend, ``"auto"`` or ``"torch"``.
     """
 
@@ -129,7 +131,7 @@ class VTADL(AnomalyModel):
         self.recon_weight, self.ssim_weight, self.mdn_weight = recon_weight, ssim_weight, mdn_weight
         self.weight_decay = weight_decay
         self.image_score = image_score
-        self.own_image_score = image_score == "paper"
+        self.own_image_score = image_score != "map"
 
     # ---------------------------------------------------------------------------------------------------------------
     def _check_images(self, images: torch.Tensor) -> None:
@@ -173,8 +175,14 @@ class VTADL(AnomalyModel):
         nll = self.mdn.nll(tokens, mode=self.mdn_mode, backend=self.backend)  # (B, N)
         anomaly_map = nll.view(-1, *self.grid_hw)
         score = nll.amax(1)
-        if self.image_score == "paper":
-            recon = self.decode(tokens)
-            mse = (recon - images).pow(2).flatten(1).mean(1)
-            score = mse + (1 - ssim(images, recon, reduction="none")) + score
+        if self.image_score != "map":
+            score = self.reconstruction_score(images, tokens, score)
         return AnomalyOutput(pred_score=score, anomaly_map=anomaly_map)
+
+    def reconstruction_score(self, images: torch.Tensor, tokens: torch.Tensor, patch_max: torch.Tensor):
+        """(B,) VT-ADL's image score: MSE + SSIM term + ``patch_max``, the SSIM term being 1 − SSIM (``"paper"``)
+        or SSIM itself (``"code"``: ``test.py`` subtracts the loss −SSIM, which adds SSIM)."""
+        recon = self.decode(tokens)
+        mse = (recon - images).pow(2).flatten(1).mean(1)
+        s = ssim(images, recon, reduction="none")
+        return mse + (s if self.image_score == "code" else 1 - s) + patch_max
