@@ -85,6 +85,14 @@ def predict_dataset(model: AnomalyModel, test_data, *, batch_size: int = 8, sigm
             "labels": np.concatenate(labels).astype(np.int64), "paths": paths, "defects": defects}
 
 
+@torch.no_grad()
+def image_scores(model: AnomalyModel, data, *, batch_size: int = 8, sigma: float = 4.0, device="cpu") -> np.ndarray:
+    """(N,) image scores of ``data`` exactly as :func:`evaluate` scores test images (own score, or max of the
+    smoothed map at the images' own mask resolution); for the normal training images behind a fixed threshold."""
+    arrays = predict_dataset(model, data, batch_size=batch_size, sigma=sigma, device=device)
+    return arrays["raw_scores"] if getattr(model, "own_image_score", False) else arrays["map_scores"]
+
+
 BORDER_MARGIN = 8  # pixels at mask resolution: the band border_max_fraction counts as "at the border"
 
 
@@ -145,7 +153,8 @@ def _write_new(results_dir: Path, run_id: str, payload: bytes) -> Path:
 
 def evaluate(model: AnomalyModel, test_data, *, run_name: str | None = None, params: dict | None = None,
              results_dir="results", batch_size: int = 8, sigma: float = 4.0, device="cpu", seed: int | None = None,
-             return_arrays: bool = False, progress: bool = False, write: bool = True, extra: dict | None = None):
+             return_arrays: bool = False, progress: bool = False, write: bool = True, extra: dict | None = None,
+             train_scores=None):
     """Score ``test_data`` with ``model`` under the shared protocol and write ``results_dir/<run_id>.json``.
 
     Args:
@@ -157,6 +166,9 @@ def evaluate(model: AnomalyModel, test_data, *, run_name: str | None = None, par
         sigma: Gaussian smoothing of the map, in pixels at mask resolution.
         return_arrays: also return the arrays of :func:`predict_dataset` (for plots and the viewer).
         extra: more fields to store in the results (e.g. training time).
+        train_scores: (M,) image scores of the normal training images, computed like the test scores
+            (:func:`image_scores`). Their maximum is a threshold fixed without any test or anomalous image; the
+            results then hold ``f1_train_threshold`` and ``fpr_train_threshold`` beside the oracle ``f1_max_oracle``.
 
     Returns:
         The results dict (and the arrays dict when ``return_arrays``). Keys: image_auroc, pixel_auroc, aupro,
@@ -205,6 +217,14 @@ def evaluate(model: AnomalyModel, test_data, *, run_name: str | None = None, par
         # what decides the digits beside the parameters: torch threads, library versions, device
         "reproducibility": provenance.numerics(resolve_device(device)),
     }
+    if train_scores is not None:
+        train_scores = np.asarray(train_scores, dtype=np.float64)
+        if train_scores.ndim != 1 or not len(train_scores) or not np.isfinite(train_scores).all():
+            raise ValueError(f"train_scores must be a non-empty (M,) array of finite scores, got {train_scores.shape}")
+        threshold = float(train_scores.max())
+        result.update(threshold_train_max=threshold, n_train_scored=int(len(train_scores)),
+                      f1_train_threshold=metrics.f1_at_threshold(labels, scores, threshold),
+                      fpr_train_threshold=float((scores[labels == 0] > threshold).mean()))
     result.update(extra or {})
     if write and results_dir is not None:
         run_id = "-".join([result["run_name"], str(result["dataset"]), str(result["category"]),
