@@ -6,7 +6,8 @@ Two reports, each a printed table (CPU, threads as given; nothing here is a pass
     # export it, run torch and onnxruntime over the whole test split, and measure the threshold on its good images
     python tests/benchmarks/bench_deploy.py agreement --models knn vt_adl anovit advit dmad aand --categories brick
 
-    # images/s of the scoring graph (model + upsample + Gaussian + max) in torch and onnxruntime
+    # images/s of the scoring graph (model + upsample + Gaussian + max) in torch and onnxruntime; the default recipes'
+    # model parameters, ViTs with patch side S/16 (the recipe's 8 px at 128 px), kNN's bank built on textures brick
     python tests/benchmarks/bench_deploy.py throughput --sizes 128 256 --batches 1 8 --threads 1
 
 Agreement columns: ``map_rel`` = max |map_onnx − map_torch| over the split / range of the torch maps over the split;
@@ -107,14 +108,17 @@ def throughput(args) -> None:
     import adcore
     from adcore.deploy.export import _torch_backend, export_model
     from adcore.deploy.postprocess import ScoringGraph
-    from adcore.deploy.train import resolve_settings
+    from adcore.deploy.train import _takes_image_size, resolve_settings
 
     torch.set_num_threads(args.threads)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
             for size in args.sizes:
-                _, params = resolve_settings(name, overrides={"image_size": size})
+                overrides = {"image_size": size}
+                if _takes_image_size(name):  # the ViTs: a 16 x 16 patch grid at every size (their latent_dim needs it)
+                    overrides["patch_size"] = size // 16
+                _, params = resolve_settings(name, overrides=overrides)
                 torch.manual_seed(0)
                 model = adcore.create_model(name, **params)
                 if name == "knn":  # its speed depends on the bank: build it on the textures training set
