@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .data.folder import check_resample
 from .utils import _json_default, atomic_torch_save
 
 FORMAT = "adcore-model"
@@ -39,7 +40,7 @@ FORMAT_VERSION = 1
 READER = {
     "reader": "adcore.data.folder.read_image",
     "color": "RGB: grey and palette images are converted to 3 channels, 16-bit grey is scaled to 8 bit",
-    "resize": "PIL bilinear to image_size x image_size (antialiased when downscaling), aspect ratio not kept",
+    "resize": "PIL's `resample` filter to image_size x image_size (antialiased when downscaling), aspect not kept",
     "scale": "uint8 / 255 -> float32 (B, 3, S, S) in [0, 1]",
     "normalisation": "none outside the model: a model that wants ImageNet mean/std applies it inside",
 }
@@ -116,8 +117,8 @@ def load_plain(path, what: str = "file") -> dict:
     return obj
 
 
-def save(model, path, *, image_size: int | None = None, recipe=None, threshold: dict | None = None,
-         training: dict | None = None, sigma: float = 4.0) -> Path:
+def save(model, path, *, image_size: int | None = None, resample: str | None = None, recipe=None,
+         threshold: dict | None = None, training: dict | None = None, sigma: float = 4.0) -> Path:
     """Write ``model`` and everything needed to score images with it to one file (atomically).
 
     Args:
@@ -125,6 +126,8 @@ def save(model, path, *, image_size: int | None = None, recipe=None, threshold: 
         path: the file to write, e.g. ``model.pt``.
         image_size: side S of the square input; default the loaded artifact's, the recipe's, or the model's own
             ``image_size`` attribute.
+        resample: how images were resized, ``"bilinear"`` or ``"bicubic"``; default the loaded artifact's, the
+            recipe's, or bilinear.
         recipe: the :class:`adcore.recipes.Recipe` (or a dict) it was trained with; default: the loaded artifact's.
         threshold: the decision threshold record (``adcore.deploy.threshold.fit_threshold``); default: the loaded
             artifact's, else none.
@@ -147,10 +150,13 @@ def save(model, path, *, image_size: int | None = None, recipe=None, threshold: 
             or getattr(model, "image_size", None)
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
         raise ValueError(f"save needs the input side: pass image_size=<int> (got {image_size!r})")
+    resample = resample or (previous.get("preprocessing") or {}).get("resample") or (recipe or {}).get("resample") \
+        or "bilinear"
+    check_resample(resample)
     meta = _plain({
         "format": FORMAT, "format_version": FORMAT_VERSION, "adcore_version": _version(),
         "model_name": name, "model_params": dict(params),
-        "preprocessing": {"image_size": image_size, **READER, "sigma": float(sigma),
+        "preprocessing": {"image_size": image_size, "resample": resample, **READER, "sigma": float(sigma),
                           "image_score": "model-defined score (pred_score)" if getattr(model, "own_image_score", False)
                           else "max of smoothed map"},
         "recipe": recipe, "threshold": threshold if threshold is not None else previous.get("threshold"),

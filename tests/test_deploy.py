@@ -376,3 +376,23 @@ def test_train_resumes_after_an_interrupt_and_refuses_other_settings(tmp_path, m
     assert a["state_dict"].keys() == b["state_dict"].keys()
     assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
     assert a["threshold"]["holdout_scores"] == b["threshold"]["holdout_scores"]
+
+
+@pytest.mark.parametrize("resample", ["bilinear", "bicubic"])
+def test_predict_reads_images_as_training_did(tmp_path, resample):
+    from adcore.data.folder import read_image
+    from adcore.deploy.predict import _read
+
+    rgb = np.random.default_rng(1).integers(0, 256, (50, 70, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "part.png")
+    Image.fromarray(rgb[..., 0]).save(tmp_path / "grey.png")
+    for name in ("part.png", "grey.png"):
+        native, small = _read(str(tmp_path / name), 32, resample)
+        assert native.shape == (50, 70, 3)
+        assert np.array_equal(small, read_image(str(tmp_path / name), 32, resample))
+
+
+def test_the_model_file_records_the_resize_filter(tiny_model_file, tmp_path):
+    adcore.save(tiny_model_file[0], tmp_path / "b.pt", image_size=32, resample="bicubic")
+    assert adcore.artifact.read(tmp_path / "b.pt")["preprocessing"]["resample"] == "bicubic"
+    assert adcore.artifact.read(tiny_model_file[1])["preprocessing"]["resample"] == "bilinear"

@@ -2,7 +2,8 @@
 
 Inputs are files, folders (searched recursively; every file in them is tried, so a stray non-image gets a row that
 says why it was skipped) or glob patterns. Images are read exactly as training read them
-(``adcore.data.folder.read_image``: grey → RGB, 16-bit scaled, resized to the model's side), scored in batches
+(``adcore.data.folder.read_image``: grey → RGB, 16-bit scaled, resized to the model's side with its recipe's
+filter), scored in batches
 through :class:`adcore.deploy.postprocess.ScoringGraph` and written to ``OUT``:
 
 * ``predictions.csv``: path, score, anomalous (yes/no), threshold, overlay, mask, error. A file that cannot be read
@@ -28,7 +29,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..data.folder import check_image_file, read_image
+from ..data.folder import RESAMPLE, check_image_file, read_image
 from ..utils import atomic_write_bytes
 
 COLUMNS = ("path", "score", "anomalous", "threshold", "overlay", "mask", "error")
@@ -97,14 +98,14 @@ def mask_image(native_hw: tuple[int, int], amap: np.ndarray, pixel_threshold: fl
     return Image.fromarray(((big > pixel_threshold) * 255).astype(np.uint8))
 
 
-def _read(path: str, size: int) -> tuple[np.ndarray, np.ndarray]:
+def _read(path: str, size: int, resample: str) -> tuple[np.ndarray, np.ndarray]:
     """(native RGB (H, W, 3) uint8, model input (S, S, 3) uint8), read as training read it."""
     check_image_file(path)  # catches truncation that a lazy decoder might pad over
     native = read_image(path, None)
     if native.shape[:2] == (size, size):
         return native, native
-    # read_image(path, size) converts, then resizes with this same call: one decode serves both outputs
-    return native, np.asarray(Image.fromarray(native).resize((size, size), Image.Resampling.BILINEAR))
+    # read_image(path, size, resample) converts, then resizes with this same call: one decode serves both outputs
+    return native, np.asarray(Image.fromarray(native).resize((size, size), RESAMPLE[resample]))
 
 
 def _done_paths(csv_path: Path) -> set[str]:
@@ -138,6 +139,7 @@ def predict(model_path, inputs, out_dir, *, masks: bool = False, batch_size: int
     model = load(model_path, device=device)
     meta = model.artifact
     size, sigma = meta["preprocessing"]["image_size"], meta["preprocessing"]["sigma"]
+    resample = meta["preprocessing"]["resample"]
     threshold = meta.get("threshold")
     if threshold is None:
         raise ValueError(f"{model_path} has no decision threshold; python -m adcore train fits one")
@@ -161,7 +163,7 @@ def predict(model_path, inputs, out_dir, *, masks: bool = False, batch_size: int
             rows, natives, inputs_ = [], [], []
             for path in todo[start:start + batch_size]:
                 try:
-                    native, small = _read(path, size)
+                    native, small = _read(path, size, resample)
                 except Exception as e:  # one bad file must not stop the batch; its row says why
                     rows.append({"path": path, "error": f"{type(e).__name__}: {e}"})
                     continue

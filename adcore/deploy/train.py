@@ -39,13 +39,13 @@ class Part(torch.utils.data.Subset):
         return getattr(self.dataset, name)
 
 
-def good_images(data: str, category: str | None, image_size: int) -> AnomalyDataset:
+def good_images(data: str, category: str | None, image_size: int, resample: str = "bilinear") -> AnomalyDataset:
     """The training images: ``<data>/<category>/train/good`` (any benchmark name or MVTec-layout root) or, without a
     category, every image file under the folder ``data``."""
     from ..data import load_dataset
 
     if category is not None:
-        return load_dataset(data, category, "train", image_size=image_size, cache_in_memory=True)
+        return load_dataset(data, category, "train", image_size=image_size, cache_in_memory=True, resample=resample)
     root = Path(data)
     if not root.is_dir():
         raise DataError(f"--data {data!r} is not a folder (a folder of good images, or a dataset root with "
@@ -59,7 +59,7 @@ def good_images(data: str, category: str | None, image_size: int) -> AnomalyData
         raise DataError(f"{str(root)!r} holds a 'test' folder: for a dataset in MVTec layout pass --category CAT "
                         "(its train/good images are used); a plain folder must hold good images only")
     return AnomalyDataset("folder", root.resolve().name, "train", [Sample(str(p), 0, "good") for p in files],
-                          image_size=image_size, cache_in_memory=True, root=str(root))
+                          image_size=image_size, cache_in_memory=True, root=str(root), resample=resample)
 
 
 def split_holdout(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -83,16 +83,17 @@ def _takes_image_size(name: str) -> bool:
 
 
 def resolve_settings(name: str, which: str = "default", overrides: dict | None = None) -> tuple[dict, dict]:
-    """(training settings: num_epochs, lr, batch_size, image_size; model_params) from the model's recipe
+    """(training settings: num_epochs, lr, batch_size, image_size, resample; model_params) from the model's recipe
     ``which``, with ``overrides`` (recipe keys or model parameters) applied."""
     from ..recipes import TRAINING_KEYS
     from ..registry import get_recipe
 
     recipe = get_recipe(name, which)
-    training = {k: v for k, v in dataclasses.asdict(recipe).items() if k in TRAINING_KEYS}
+    keys = (*TRAINING_KEYS, "resample")
+    training = {k: v for k, v in dataclasses.asdict(recipe).items() if k in keys}
     params = dict(recipe.model_params)
     for key, value in (overrides or {}).items():
-        (training if key in TRAINING_KEYS else params)[key] = value
+        (training if key in keys else params)[key] = value
     if _takes_image_size(name):
         params["image_size"] = training["image_size"]
     return training, params
@@ -123,7 +124,7 @@ def train(model_name: str, data: str, out, *, category: str | None = None, recip
     out = Path(out)
     training, params = resolve_settings(model_name, recipe, overrides)
     size = training["image_size"]
-    images = good_images(data, category, size)
+    images = good_images(data, category, size, training.get("resample", "bilinear"))
     train_idx, hold_idx = split_holdout(len(images), holdout, seed)
     ckpt = out.parent / f"{out.name}.train"
     settings = {"model": model_name, "model_params": params, "training": training, "data": str(data),
@@ -157,7 +158,7 @@ def train(model_name: str, data: str, out, *, category: str | None = None, recip
     print(describe(threshold))
     recipe_record = {**dataclasses.asdict(get_recipe(model_name, recipe)), "which": recipe,
                      "overrides": dict(overrides or {})}
-    save(model, out, image_size=size, recipe=recipe_record, threshold=threshold, training={
+    save(model, out, image_size=size, resample=training.get("resample", "bilinear"), recipe=recipe_record, threshold=threshold, training={
         "data": str(data), "category": category, "n_images": len(images), "n_train": len(train_idx),
         "n_holdout": len(hold_idx), "holdout_fraction": holdout, "seed": seed, "device": str(device),
         "fit_seconds": round(fit_seconds, 2), "holdout_paths": [images.paths[i] for i in hold_idx],
