@@ -23,16 +23,6 @@ pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed"
 NAMES = ["out", "dis_series", "dis_prior", "dq", "dk", "dv", "dsigma"]
 
 
-@pytest.fixture(scope="module")
-def dev():
-    import kernels.anomaly_attention as aa
-    if aa.INTERPRET:
-        return torch.device("cpu")
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    pytest.skip("no CUDA device and the kernels were decorated without TRITON_INTERPRET=1")
-
-
 @pytest.fixture(autouse=True)
 def _seed(monkeypatch):
     monkeypatch.delenv("ADCORE_BACKEND", raising=False)

@@ -20,17 +20,6 @@ from kernels._utils import HAS_TRITON  # noqa: E402
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 
 
-@pytest.fixture(scope="module")
-def dev():
-    """Device the Triton path runs on in this process: CPU under the interpreter, else CUDA."""
-    import kernels.anomaly_attention as aa
-    if aa.INTERPRET:
-        return torch.device("cpu")
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    pytest.skip("no CUDA device and the kernels were decorated without TRITON_INTERPRET=1")
-
-
 @pytest.fixture(autouse=True)
 def _no_env_backend(monkeypatch):
     monkeypatch.delenv("ADCORE_BACKEND", raising=False)
