@@ -68,7 +68,7 @@ class ADViT(VTADL):
     attention = "anomaly"
     class_token = False
     recipes = {
-        "default": Recipe(num_epochs=15, lr=1e-3, batch_size=8, image_size=64,
+        "default": Recipe(num_epochs=20, lr=1e-3, batch_size=8, image_size=128,
                           model_params={**DEFAULT_MODEL_PARAMS, **ASSOCIATION_PARAMS},
                           source="VT-ADL's CPU default plus Anomaly Transformer's k; num_epochs from the synthetic-"
                                  "anomaly validation curve (adcore/validation_curves/advit.json)"),

@@ -37,7 +37,7 @@ from .vit import ConvDecoder, ViTEncoder, check_images
 #: 3072) trained from scratch, a 256-wide decoder, Adam at lr 1e-4 without weight decay, batch 8, 100 epochs.
 _PAPER_SOURCE = ("AnoViT's abstract gives no hyper-parameter: every value is our assumption (a ViT-Base/16-sized "
                  "encoder from scratch, 224 px, lr 1e-4, batch 8, 100 epochs)")
-_DEFAULT_SOURCE = ("CPU default on 64-px images with 8-px patches; num_epochs from the synthetic-anomaly validation "
+_DEFAULT_SOURCE = ("CPU default on 128-px images with 16-px patches; num_epochs from the synthetic-anomaly validation "
                    "curve (adcore/validation_curves/anovit.json), capped by the notebook's CPU budget")
 
 
@@ -87,15 +87,15 @@ class AnoViT(_ReconstructionAE):
     """
 
     recipes = {
-        "default": Recipe(num_epochs=30, lr=1e-3, batch_size=8, image_size=64, source=_DEFAULT_SOURCE,
-                          model_params=dict(patch_size=8, embed_dim=128, depth=4, num_heads=4, mlp_ratio=2.0,
+        "default": Recipe(num_epochs=2, lr=1e-3, batch_size=8, image_size=128, source=_DEFAULT_SOURCE,
+                          model_params=dict(patch_size=16, embed_dim=128, depth=4, num_heads=4, mlp_ratio=2.0,
                                             decoder_width=128, weight_decay=0.0)),
         "paper": Recipe(num_epochs=100, lr=1e-4, batch_size=8, image_size=224, source=_PAPER_SOURCE,
                         model_params=dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0,
                                           decoder_width=256, weight_decay=0.0)),
     }
 
-    def __init__(self, image_size: int = 64, patch_size: int = 8, embed_dim: int = 128, depth: int = 4,
+    def __init__(self, image_size: int = 128, patch_size: int = 16, embed_dim: int = 128, depth: int = 4,
                  num_heads: int = 4, mlp_ratio: float = 2.0, decoder_width: int = 128, weight_decay: float = 0.0):
         encoder = ViTEncoder(image_size, patch_size, embed_dim, depth, num_heads, mlp_ratio, class_token=False,
                              final_norm=True)
@@ -123,15 +123,15 @@ class ConvAE(_ReconstructionAE):
 
     # AnoViT's comparison: the same feature-map shape, decoder, data and training as AnoViT's recipe of that name.
     recipes = {
-        "default": Recipe(num_epochs=30, lr=1e-3, batch_size=8, image_size=64, source=_DEFAULT_SOURCE,
-                          model_params=dict(patch_size=8, embed_dim=128, base_width=32, decoder_width=128,
+        "default": Recipe(num_epochs=2, lr=1e-3, batch_size=8, image_size=128, source=_DEFAULT_SOURCE,
+                          model_params=dict(patch_size=16, embed_dim=128, base_width=32, decoder_width=128,
                                             weight_decay=0.0)),
         "paper": Recipe(num_epochs=100, lr=1e-4, batch_size=8, image_size=224, source=_PAPER_SOURCE,
                         model_params=dict(patch_size=16, embed_dim=768, base_width=32, decoder_width=256,
                                           weight_decay=0.0)),
     }
 
-    def __init__(self, image_size: int = 64, patch_size: int = 8, embed_dim: int = 128, base_width: int = 32,
+    def __init__(self, image_size: int = 128, patch_size: int = 16, embed_dim: int = 128, base_width: int = 32,
                  decoder_width: int = 128, weight_decay: float = 0.0):
         if patch_size < 2 or patch_size & (patch_size - 1) or image_size % patch_size:
             raise ValueError(f"patch_size must be a power of two >= 2 dividing image_size, got patch_size="
