@@ -70,9 +70,8 @@ def run_experiment(model_name: str, *, model_params: dict | None = None, dataset
     """Train ``model_name`` from scratch on each category's normal images and evaluate it on the test split.
 
     ``num_epochs``, ``lr``, ``batch_size`` and ``resample`` (how images are resized) left as None come from the
-    model's default recipe
-    (``adcore.get_recipe(model_name)``); the results file records the values used. ``categories=None`` runs every
-    category found on disk. Checkpoints go to
+    model's default recipe (``adcore.get_recipe(model_name)``); the results file records the values used.
+    ``categories=None`` runs every category found on disk. Checkpoints go to
     ``checkpoint_root/<run>-<dataset>-<category>-<hash>/last.pt`` so a killed run resumes where it stopped when it is
     run again with ``resume=True``; ``checkpoint_root=None`` disables them.
 
@@ -110,8 +109,8 @@ def run_experiment(model_name: str, *, model_params: dict | None = None, dataset
     out = ExperimentResult()
     for category in categories:
         t0 = time.perf_counter()
-        train = load_dataset(dataset, category, "train", image_size=image_size, data_root=data_root, resample=resample)
-        test = load_dataset(dataset, category, "test", image_size=image_size, data_root=data_root, resample=resample)
+        data = dict(image_size=image_size, data_root=data_root, resample=resample)
+        train, test = load_dataset(dataset, category, "train", **data), load_dataset(dataset, category, "test", **data)
         seed_everything(seed)
         model = create_model(model_name, **model_params)
         ckpt = None
@@ -130,9 +129,10 @@ def run_experiment(model_name: str, *, model_params: dict | None = None, dataset
         # scores of the normal training images: the threshold behind the honest F1 (no test image involved)
         train_scores = image_scores(model, train, batch_size=batch_size, device=device)
         result, arrays = evaluate(model, test, train_scores=train_scores, run_name=run,
-                                  params={**params, "category": category}, results_dir=results_dir, batch_size=batch_size, device=device, seed=seed,
-                                  return_arrays=True, extra={"fit_seconds": round(fit_seconds, 2),
-                                                             **({"test_curve": curve} if curve is not None else {})})
+                                  params={**params, "category": category}, results_dir=results_dir,
+                                  batch_size=batch_size, device=device, seed=seed, return_arrays=True,
+                                  extra={"fit_seconds": round(fit_seconds, 2),
+                                         **({"test_curve": curve} if curve is not None else {})})
         out.results.append(result)
         out.histories[category] = history
         if keep_arrays:

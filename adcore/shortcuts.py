@@ -123,7 +123,8 @@ def shortcut_table(results, variants=()):
     # the early-stop label names its epoch, which differs per category: group on the shortcut's kind
     df["shortcut"] = df["shortcut"].str.replace(r" \(epoch \d+\)$", "", regex=True)
     out = (df.groupby(keys, sort=False)
-           .agg(categories=("category", "nunique"), honest=("honest", "mean"), shortcut_value=("shortcut_value", "mean"))
+           .agg(categories=("category", "nunique"), honest=("honest", "mean"),
+                shortcut_value=("shortcut_value", "mean"))
            .reset_index())
     out["gain"] = out["shortcut_value"] - out["honest"]
     return out
