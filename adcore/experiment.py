@@ -12,7 +12,8 @@ from pathlib import Path
 
 from .data import list_categories, load_dataset
 from .evaluation import evaluate, image_scores
-from .registry import create_model, get_recipe
+from .recipes import recipes_of
+from .registry import create_model, get_recipe, model_class
 from .training import finished_copy, fit
 from .utils import atomic_write_bytes, params_hash, seed_everything
 
@@ -91,16 +92,14 @@ def run_experiment(model_name: str, *, model_params: dict | None = None, dataset
     if missing:
         raise ValueError(f"categories {missing} are not in dataset {dataset!r}; found {sorted(found)}")
     epochs_from_recipe = num_epochs is None
-    if resample is None:
-        try:
-            resample = get_recipe(model_name).resample
-        except ValueError:  # a model without a default recipe: the loaders' default
-            resample = "bilinear"
+    recipe = recipes_of(model_class(model_name)).get("default")
+    if resample is None:  # a model without a default recipe gets the loaders' default
+        resample = recipe.resample if recipe is not None else "bilinear"
     if num_epochs is None or lr is None or batch_size is None:
-        recipe = get_recipe(model_name).training_kwargs()
-        num_epochs = recipe["num_epochs"] if num_epochs is None else num_epochs
-        lr = recipe["lr"] if lr is None else lr
-        batch_size = recipe["batch_size"] if batch_size is None else batch_size
+        given = get_recipe(model_name).training_kwargs()  # raises, naming the model, if it has no recipe
+        num_epochs = given["num_epochs"] if num_epochs is None else num_epochs
+        lr = given["lr"] if lr is None else lr
+        batch_size = given["batch_size"] if batch_size is None else batch_size
     run = run_name or model_name
     params = {"model": model_name, "model_params": model_params, "dataset": dataset, "data_root": data_root,
               "image_size": image_size, "num_epochs": num_epochs, "lr": lr, "batch_size": batch_size, "seed": seed}

@@ -28,6 +28,18 @@ def list_models() -> list[str]:
     return sorted(_MODELS)
 
 
+def model_class(name: str) -> type:
+    """The class registered as ``name``.
+
+    Raises:
+        ValueError: unknown name.
+    """
+    _load_all()
+    if name not in _MODELS:
+        raise ValueError(f"unknown model {name!r}; registered models: {', '.join(sorted(_MODELS))}")
+    return _MODELS[name]
+
+
 def create_model(name: str, **params):
     """Instantiate the model registered as ``name`` with keyword ``params``.
 
@@ -57,10 +69,7 @@ def get_recipe(name: str, which: str = "default"):
     """
     from .recipes import recipes_of
 
-    _load_all()
-    if name not in _MODELS:
-        raise ValueError(f"unknown model {name!r}; registered models: {', '.join(sorted(_MODELS))}")
-    recipes = recipes_of(_MODELS[name])
+    recipes = recipes_of(model_class(name))
     if which not in recipes:
         have = ", ".join(sorted(recipes)) or "none"
         raise ValueError(f"model {name!r} has no {which!r} recipe (it declares: {have})")

@@ -7,7 +7,7 @@ import yaml
 import adcore
 from adcore.notebook import parse_parameters
 from adcore.recipes import TRAINING_KEYS, Recipe, recipes_of
-from adcore.registry import _MODELS
+from adcore.registry import model_class
 
 ROOT = Path(__file__).resolve().parents[1]
 # The model each paper notebook trains first (its "main" run); ablation variants are built from the same recipe.
@@ -37,7 +37,7 @@ def _compare(values: dict, recipe: Recipe, where: str) -> set[str]:
 
 def test_every_registered_model_declares_a_default_recipe():
     names = adcore.list_models()
-    lacking = [n for n in names if "default" not in recipes_of(_MODELS[n])]
+    lacking = [n for n in names if "default" not in recipes_of(model_class(n))]
     assert not lacking, f"models without a default recipe: {lacking}"
 
 

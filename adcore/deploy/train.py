@@ -75,11 +75,10 @@ def split_holdout(n: int, fraction: float, seed: int) -> tuple[list[int], list[i
 
 
 def _takes_image_size(name: str) -> bool:
-    from ..registry import _MODELS, list_models
+    from ..registry import model_class
 
-    list_models()
     return any("image_size" in inspect.signature(c.__init__).parameters
-               for c in _MODELS[name].__mro__ if "__init__" in vars(c))
+               for c in model_class(name).__mro__ if "__init__" in vars(c))
 
 
 def resolve_settings(name: str, which: str = "default", overrides: dict | None = None) -> tuple[dict, dict]:
@@ -158,11 +157,11 @@ def train(model_name: str, data: str, out, *, category: str | None = None, recip
     print(describe(threshold))
     recipe_record = {**dataclasses.asdict(get_recipe(model_name, recipe)), "which": recipe,
                      "overrides": dict(overrides or {})}
-    save(model, out, image_size=size, resample=training.get("resample", "bilinear"), recipe=recipe_record, threshold=threshold, training={
-        "data": str(data), "category": category, "n_images": len(images), "n_train": len(train_idx),
-        "n_holdout": len(hold_idx), "holdout_fraction": holdout, "seed": seed, "device": str(device),
-        "fit_seconds": round(fit_seconds, 2), "holdout_paths": [images.paths[i] for i in hold_idx],
-        **training})
+    facts = {"data": str(data), "category": category, "n_images": len(images), "n_train": len(train_idx),
+             "n_holdout": len(hold_idx), "holdout_fraction": holdout, "seed": seed, "device": str(device),
+             "fit_seconds": round(fit_seconds, 2), "holdout_paths": [images.paths[i] for i in hold_idx], **training}
+    save(model, out, image_size=size, resample=training.get("resample", "bilinear"), recipe=recipe_record,
+         threshold=threshold, training=facts)
     shutil.rmtree(ckpt, ignore_errors=True)
     print(f"wrote {out}")
     return model
