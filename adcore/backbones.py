@@ -122,7 +122,10 @@ def _mapped_efficientnet_lite0_state(path: str, mtime_ns: int) -> dict:
     import timm
 
     source = torch.load(path, map_location="cpu", weights_only=True)
-    full = timm.create_model("efficientnet_lite0", pretrained=False)
+    # The throw-away model's random init must not draw from the global RNG: only the first call in a process gets
+    # here, and a draw would make the first model a process creates differ from later ones with the same seed.
+    with torch.random.fork_rng(devices=[]):
+        full = timm.create_model("efficientnet_lite0", pretrained=False)
     return _map_efficientnet_lite0(source, full)
 
 

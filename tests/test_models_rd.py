@@ -351,6 +351,41 @@ def test_aand_stage_two_uses_a_frozen_stage_one():
     assert not model.amplifiers.training  # frozen Stage I stays in eval mode
 
 
+def test_aand_stage_two_teacher_cache_is_the_slow_twin_computed_once():
+    data = tiny_data(6)
+    runs = {}
+    for cache in (False, True):
+        torch.manual_seed(0)
+        model = adcore.create_model("aand", **TINY, cache_teacher=cache)
+        seen = []
+        amplified_teacher = model.amplified_teacher
+
+        def counting(images, _inner=amplified_teacher, _seen=seen):
+            _seen.append(len(images))
+            return _inner(images)
+
+        model.amplified_teacher = counting
+        adcore.fit(model, data, num_epochs={"amplify": 1, "distill": 3}, lr=1e-2, batch_size=4, progress=False)
+        runs[cache] = (params(model), sum(seen))
+        assert model._teacher_cache is None  # freed when training ends
+    # the slow twin runs the teacher on every image of every Stage-II epoch; the cache on each image once
+    assert runs[False][1] == 3 * len(data) and runs[True][1] == len(data)
+    for k, v in runs[False][0].items():
+        torch.testing.assert_close(runs[True][0][k], v, rtol=1e-5, atol=1e-6)
+
+
+def test_the_first_pretrained_backbone_of_a_process_draws_no_random_numbers():
+    from adcore import backbones
+
+    backbones._mapped_efficientnet_lite0_state.cache_clear()  # as in a fresh process
+    torch.manual_seed(0)
+    backbones.create_backbone("efficientnet_lite0")
+    after_first = torch.rand(4)
+    torch.manual_seed(0)
+    backbones.create_backbone("efficientnet_lite0")
+    torch.testing.assert_close(torch.rand(4), after_first, rtol=0, atol=0)
+
+
 def test_aand_without_stage_one_is_plain_distillation_from_the_teacher():
     model = adcore.create_model("aand", **TINY, amplify=False)
     assert model.stages == ("distill",)

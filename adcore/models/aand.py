@@ -31,10 +31,15 @@ Faithfulness notes:
   category, with cable on the centred disk its list intended (its ``'cabel'`` typo left cable with the previous
   class's mask); the σ = 8 blur is at the native resolution (scaled to the input, σ = 8·S/native); per level, the
   foreground is adaptive-average-pooled and thresholded at 0.3, as the anomaly mask is.
-- AAND resizes images bicubically; the project's loaders resize with antialiased bilinear for every method alike.
+- AAND resizes images bicubically, and so do its recipes here (``Recipe.resample``).
+- Stage II's teacher is frozen and sees un-augmented training images, so each image's amplified features are the
+  same in every epoch: they are computed once and reused (``cache_teacher``; ``False`` is the slow twin that
+  recomputes them every step, as the repository does).
 - The student is RD4AD's (OCBE + ``de_wide_resnet50_2``) at full width in the paper recipe.
 """
 from __future__ import annotations
+
+import hashlib
 
 import numpy as np
 import torch
@@ -193,6 +198,9 @@ class AAND(ReverseDistillation):
         clean_prob: fraction of Stage-I images without a pseudo-anomaly (AAND: 0.2).
         milestones_amplify, milestones_distill: epochs where the lr drops ×0.2 (AAND: (80, 90) of 100 and (96, 108)
             of 120); None keeps it constant.
+        cache_teacher: in Stage II, keep each training image's amplified teacher features after its first epoch
+            instead of recomputing them every step (the same values: the teacher is frozen and the images are not
+            augmented; memory: the three levels of every training image).
         **rd_params: the reverse-distillation core's parameters (:class:`ReverseDistillation`).
     """
 
@@ -225,7 +233,7 @@ class AAND(ReverseDistillation):
     def __init__(self, amplify: bool = True, num_items: int = 50, temperature: float = 0.2, focal_alpha: float = 0.8,
                  focal_gamma: float = 2.0, amplify_weight: float = 0.1, margin: float = 0.3, hard_k: int = 10,
                  foreground: str = "auto", foreground_threshold: float = 0, clean_prob: float = 0.2,
-                 milestones_amplify=None, milestones_distill=None, **rd_params):
+                 milestones_amplify=None, milestones_distill=None, cache_teacher: bool = True, **rd_params):
         if foreground not in ("auto", *_FOREGROUND_MODES):
             raise ValueError(f"foreground must be 'auto', 'all', 'bright', 'dark' or 'disk', got {foreground!r}")
         if isinstance(hard_k, bool) or not isinstance(hard_k, int) or hard_k < 0:
@@ -247,6 +255,8 @@ class AAND(ReverseDistillation):
         self.register_buffer("foreground_setting", torch.tensor([_FOREGROUND_MODES.index(mode), threshold, 0.0]))
         self.milestones = {"amplify": milestones_amplify, "distill": milestones_distill}
         self.stage_one_frozen = not amplify
+        self.cache_teacher = bool(cache_teacher)
+        self._teacher_cache: dict[bytes, list[torch.Tensor]] | None = None  # Stage II only, see _frozen_teacher
 
     @property
     def foreground_rule(self) -> tuple[str, float, int | None]:
@@ -273,6 +283,11 @@ class AAND(ReverseDistillation):
             self.amplifiers.requires_grad_(False)
             self.stage_one_frozen = True
             self.amplifiers.eval()
+            self._teacher_cache = {} if self.cache_teacher else None
+
+    def on_fit_end(self, train_loader) -> None:
+        self._teacher_cache = None  # training is over: free the features
+        super().on_fit_end(train_loader)
 
     def configure_optimizers(self, stage: str, lr: float):
         if stage == "amplify":
@@ -298,8 +313,22 @@ class AAND(ReverseDistillation):
         if stage == "amplify":
             return self._amplify_step(images)
         with torch.no_grad():
-            teacher, _ = self.amplified_teacher(images)
+            teacher = self._frozen_teacher(images)
         return {"loss": hard_kd_loss(teacher, self.student(teacher), self.hard_k)}
+
+    def _frozen_teacher(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Stage II's teacher features, per level (B, C_l, h_l, w_l): memoised by each image's exact bytes (an
+        image not seen before, or any image when ``cache_teacher`` is off, goes through the teacher)."""
+        cache = self._teacher_cache
+        if cache is None:
+            return self.amplified_teacher(images)[0]
+        keys = [hashlib.blake2b(img.cpu().numpy().tobytes(), digest_size=16).digest() for img in images]
+        new = [i for i, k in enumerate(keys) if k not in cache]
+        if new:
+            features, _ = self.amplified_teacher(images[new])
+            for j, i in enumerate(new):
+                cache[keys[i]] = [f[j].clone() for f in features]
+        return [torch.stack([cache[k][level] for k in keys]) for level in range(len(self.channels))]
 
     def _amplify_step(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         fg = foreground_mask(images, *self.foreground_rule)
