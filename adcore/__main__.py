@@ -93,23 +93,18 @@ def _executor(args, dry_run: bool = False):
 
 
 def _run(args) -> int:
-    from .batch import execute_runs, load_grid, plan_runs, resolve_notebooks, run_status, summarize, write_manifest
+    from .batch import execute_runs, load_grid, plan_grids, run_status, summarize, write_manifest
 
-    # without --grid, `run` means the notebooks' own defaults (the book's grid is for `book`)
-    spec = load_grid(args.grid) if args.grid else {"notebooks": "all", "params": ["default"],
-                                                   "categories": [None], "seeds": [None]}
-    if args.notebooks:
-        spec["notebooks"] = args.notebooks
-    if args.smoke:
-        spec["params"] = ["smoke"]
+    # without --grid, `run` means the notebooks' own defaults (the book's grid is for `book`); flags override every
+    # grid of the file
+    grids = load_grid(args.grid) if args.grid else [{"notebooks": "all", "params": ["default"],
+                                                     "categories": [None], "seeds": [None]}]
+    flags = {"notebooks": args.notebooks, "params": ["smoke"] if args.smoke else None, "categories": args.categories,
+             "seeds": args.seeds}
     if args.params:
-        spec["params"] = args.params
-    if args.categories:
-        spec["categories"] = args.categories
-    if args.seeds:
-        spec["seeds"] = args.seeds
-    runs = plan_runs(resolve_notebooks(spec["notebooks"]), spec["params"], spec["categories"], spec["seeds"],
-                     runs_dir=args.runs_dir, threads=args.threads)
+        flags["params"] = args.params
+    grids = [{**g, **{k: v for k, v in flags.items() if v}} for g in grids]
+    runs = plan_grids(grids, runs_dir=args.runs_dir, threads=args.threads)
     print(f"{len(runs)} run(s):")
     for run in runs:
         state = (run_status(run) or {}).get("status", "new") if args.dry_run else ""

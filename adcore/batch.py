@@ -49,6 +49,7 @@ from .utils import atomic_write_json, params_hash
 
 NOTEBOOKS_DIR = Path("notebooks")
 DEFAULT_GRID = NOTEBOOKS_DIR / "params" / "grid.yaml"
+BUDGET_GRID = NOTEBOOKS_DIR / "params" / "budget.yaml"  # the budget chapter's runs (adcore.budget)
 GRID_KEYS = {"notebooks", "params", "categories", "seeds"}
 # Parameters the runner fills in itself (when the notebook declares them); a parameter file must not set them.
 RUNNER_PARAMS = ("results_dir",)
@@ -226,23 +227,53 @@ def plan_runs(notebooks, params=("default",), categories=(None,), seeds=(None,),
     return runs
 
 
-def load_grid(path) -> dict:
-    """Read a grid file: ``notebooks`` (list or ``all``), ``params``, ``categories``, ``seeds`` (lists)."""
+def load_grid(path) -> list[dict]:
+    """Read a grid file: one grid (``notebooks`` (list or ``all``), ``params``, ``categories``, ``seeds``: lists), or
+    ``grids:`` a list of such grids whose runs add up (the budget grid: every budget, plus more seeds at one).
+
+    Returns:
+        One dict per grid, every key filled in.
+    """
     path = Path(path)
     if not path.is_file():
         raise ParameterError(f"grid file {str(path)!r} does not exist")
-    grid = _read_yaml_mapping(path, "grid file")
+    data = _read_yaml_mapping(path, "grid file")
+    if "grids" in data:
+        if set(data) != {"grids"} or not isinstance(data["grids"], list) or not data["grids"]:
+            raise ParameterError(f"grid file {str(path)!r}: 'grids' must be a non-empty list of grids and the only "
+                                 "key")
+        if not all(isinstance(g, dict) for g in data["grids"]):
+            raise ParameterError(f"grid file {str(path)!r}: every entry of 'grids' must be a mapping")
+        return [_check_grid(g, f"{path} (grid {i + 1})") for i, g in enumerate(data["grids"])]
+    return [_check_grid(data, str(path))]
+
+
+def _check_grid(grid: dict, where: str) -> dict:
     unknown = sorted(set(grid) - GRID_KEYS)
     if unknown:
-        raise ParameterError(f"grid file {str(path)!r}: unknown key(s) {unknown}; expected {sorted(GRID_KEYS)}")
+        raise ParameterError(f"grid file {where!r}: unknown key(s) {unknown}; expected {sorted(GRID_KEYS)}")
     out = {"notebooks": grid.get("notebooks", "all"), "params": grid.get("params", ["default"]),
            "categories": grid.get("categories", [None]), "seeds": grid.get("seeds", [None])}
     for k in ("params", "categories", "seeds"):
         if not isinstance(out[k], list) or not out[k]:
-            raise ParameterError(f"grid file {str(path)!r}: {k!r} must be a non-empty list, got {out[k]!r}")
+            raise ParameterError(f"grid file {where!r}: {k!r} must be a non-empty list, got {out[k]!r}")
     if any(s is not None and (not isinstance(s, int) or isinstance(s, bool)) for s in out["seeds"]):
-        raise ParameterError(f"grid file {str(path)!r}: seeds must be integers or null, got {out['seeds']!r}")
+        raise ParameterError(f"grid file {where!r}: seeds must be integers or null, got {out['seeds']!r}")
     return out
+
+
+def plan_grids(grids: list[dict], runs_dir="runs", notebooks_dir=NOTEBOOKS_DIR, check_data: bool = True,
+               threads: int = 1) -> list[Run]:
+    """:func:`plan_runs` over every grid of :func:`load_grid`, in order; a run two grids both ask for is planned
+    once."""
+    runs, keys = [], set()
+    for g in grids:
+        for run in plan_runs(resolve_notebooks(g["notebooks"], notebooks_dir), g["params"], g["categories"],
+                             g["seeds"], runs_dir=runs_dir, check_data=check_data, threads=threads):
+            if run.key not in keys:
+                keys.add(run.key)
+                runs.append(run)
+    return runs
 
 # ---------------------------------------------------------------------------------------------------------------------
 # executing
@@ -625,6 +656,41 @@ def results_table(results: list[dict], metrics=("image_auroc", "pixel_auroc", "a
     df[list(metrics)] = df[list(metrics)].astype(float)
     means = df.groupby("method", sort=False)[list(metrics)].mean().reset_index().assign(category="mean")
     return pd.concat([df, means]).set_index(["method", "category"])
+
+
+def results_over_seeds(results: list[dict], metrics=("image_auroc", "pixel_auroc", "aupro")):
+    """Long results, several seeds per method allowed → DataFrame indexed by (method, category): each metric's mean
+    over seeds, ``<metric>_std`` (sample standard deviation over seeds; NaN with one seed) and ``n_seeds``. The
+    ``mean`` row of a method is the category-mean of each seed, then the mean and deviation of those.
+
+    Raises:
+        ValueError: two results for the same method, category and seed.
+    """
+    import pandas as pd
+
+    cols = [*metrics, *[f"{m}_std" for m in metrics], "n_seeds"]
+    if not results:
+        return pd.DataFrame(columns=["method", "category", *cols]).set_index(["method", "category"])
+    df = pd.DataFrame([{"method": r.get("method") or r.get("notebook") or r.get("model"), "category": r["category"],
+                        "seed": r.get("seed"), **{m: r.get(m) for m in metrics}} for r in results])
+    df["seed"] = df["seed"].fillna(-1)  # a model without a seed (knn) is one "seed"
+    dup = df[df.duplicated(["method", "category", "seed"], keep=False)]
+    if len(dup):
+        raise ValueError(f"several results for the same method, category and seed: "
+                         f"{dup[['method', 'category', 'seed']].values[:5]}")
+    df[list(metrics)] = df[list(metrics)].astype(float)
+    per_seed_mean = df.groupby(["method", "seed"], sort=False)[list(metrics)].mean().reset_index()
+    per_seed_mean["category"] = "mean"
+    out = []
+    for frame in (df, per_seed_mean):
+        g = frame.groupby(["method", "category"], sort=False)[list(metrics)]
+        stats = g.mean().join(g.std(ddof=1).add_suffix("_std"))
+        stats["n_seeds"] = g.size()
+        out.append(stats)
+    table = pd.concat(out)[cols]
+    order = [(m, c) for m in dict.fromkeys(df["method"]) for c in [*dict.fromkeys(df["category"]), "mean"]
+             if (m, c) in table.index]
+    return table.loc[order]
 
 
 def _rel(p, repo_root=None) -> str:

@@ -13,14 +13,14 @@ from pathlib import Path
 
 import yaml
 
-from .batch import (DEFAULT_GRID, NOTEBOOKS_DIR, Run, _sha, execute_runs, is_done, load_grid, plan_runs,
-                    resolve_notebooks, run_status, write_manifest)
+from .batch import (BUDGET_GRID, DEFAULT_GRID, NOTEBOOKS_DIR, Run, _sha, execute_runs, is_done, load_grid, plan_grids,
+                    run_status, write_manifest)
 from .data.textures import default_cache_dir
 from .notebook import parse_parameters
 
 REPO = Path(__file__).resolve().parent.parent
 BOOK_DIR = Path("book")
-BOOK_CHAPTERS = ("data", "comparison", "shortcuts", "kernels", "reproducibility")
+BOOK_CHAPTERS = ("data", "comparison", "budget", "shortcuts", "kernels", "reproducibility")
 
 
 def fetch_widget_js(dest, script=None) -> Path:
@@ -121,7 +121,8 @@ def _stage_toc(toc: dict, available: set[str]) -> tuple[dict, list[str]]:
     return toc, dropped
 
 
-def build_book(*, grid=None, smoke: bool = False, notebooks=None, jobs: int = 1, executor=None, threads: int = 1,
+def build_book(*, grid=None, budget_grid=BUDGET_GRID, smoke: bool = False, notebooks=None, jobs: int = 1, executor=None,
+               threads: int = 1,
                force: bool = False, runs_dir="runs", book_dir=BOOK_DIR, out_dir=None, timeout: float | None = None,
                run: bool = True, build: bool = True, chapters=BOOK_CHAPTERS, progress: bool = True,
                log=print) -> dict:
@@ -129,6 +130,8 @@ def build_book(*, grid=None, smoke: bool = False, notebooks=None, jobs: int = 1,
 
     Args:
         grid: grid file (default ``notebooks/params/grid.yaml``, else every notebook with its defaults).
+        budget_grid: the budget chapter's grid file (``None``: no budget runs). Its runs are never executed here
+            (``python -m adcore run --grid <it>`` does that); the chapter shows the finished ones and lists the rest.
         smoke: every notebook with its ``smoke`` parameter file instead (the CI-sized book).
         notebooks: restrict to these notebooks.
         jobs, executor, threads: how the paper notebooks run (see :func:`adcore.batch.execute_runs`); the chapters
@@ -149,15 +152,18 @@ def build_book(*, grid=None, smoke: bool = False, notebooks=None, jobs: int = 1,
     stage = out_dir / "_build" / "src"
     nb_dir = Path(notebooks[0]).parent if notebooks and str(notebooks[0]).endswith(".ipynb") else NOTEBOOKS_DIR
     if smoke:
-        spec = {"notebooks": notebooks or "all", "params": ["smoke"], "categories": [None], "seeds": [None]}
+        grids = [{"notebooks": notebooks or "all", "params": ["smoke"], "categories": [None], "seeds": [None]}]
     elif grid is not None or DEFAULT_GRID.is_file():
-        spec = load_grid(grid or DEFAULT_GRID)
-        if notebooks:
-            spec["notebooks"] = notebooks
+        grids = load_grid(grid or DEFAULT_GRID)
+        grids = [{**g, "notebooks": notebooks} if notebooks else g for g in grids]
     else:
-        spec = {"notebooks": notebooks or "all", "params": ["default"], "categories": [None], "seeds": [None]}
-    nbs = resolve_notebooks(spec["notebooks"], nb_dir)
-    runs = plan_runs(nbs, spec["params"], spec["categories"], spec["seeds"], runs_dir=runs_dir, threads=threads)
+        grids = [{"notebooks": notebooks or "all", "params": ["default"], "categories": [None], "seeds": [None]}]
+    runs = plan_grids(grids, runs_dir=runs_dir, notebooks_dir=nb_dir, threads=threads)
+    budget_runs = []
+    if budget_grid is not None and Path(budget_grid).is_file():  # never run here: listed, and shown where finished
+        budget_grids = load_grid(budget_grid)
+        budget_grids = [{**g, "notebooks": notebooks} if notebooks else g for g in budget_grids]
+        budget_runs = plan_grids(budget_grids, runs_dir=runs_dir, notebooks_dir=nb_dir, threads=threads)
     unknown = [c for c in chapters if c not in BOOK_CHAPTERS]
     if unknown:
         raise ValueError(f"unknown chapter(s) {unknown}; the book's chapters are {list(BOOK_CHAPTERS)}")
@@ -213,13 +219,27 @@ def build_book(*, grid=None, smoke: bool = False, notebooks=None, jobs: int = 1,
         _stage_notebook(Path(st["output"]), stage / "papers" / f"{st['name']}.ipynb")
         produced.add(f"papers/{st['name']}")
     manifest = write_manifest(statuses, stage / "runs.json")
+    budget_statuses = []
+    for r in budget_runs:
+        st = run_status(r) or asdict(r)
+        ok = st.get("status") == "ok" and Path(r.output).is_file()
+        if ok and not is_done(r):
+            log(f"  budget run {r.key}: the notebook or --threads changed since it finished; shown all the same")
+        budget_statuses.append({**asdict(r), **st, "status": "skipped" if ok else "missing"})
+    budget_manifest = write_manifest(budget_statuses, stage / "budget-runs.json")
+    if budget_runs:
+        done = sum(s["status"] == "skipped" for s in budget_statuses)
+        log(f"budget grid: {done} of {len(budget_runs)} runs finished" + (
+            "" if done == len(budget_runs) else f"; run the rest with `python -m adcore run --grid {budget_grid} "
+                                                "--jobs 2`, then build the book again"))
 
     (stage / "chapters").mkdir()
     chapter_runs = []
     for c, p in chapter_src.items():
         defaults = parse_parameters(p)
-        injected = {k: v for k, v in {"manifest": str(manifest.resolve()), "repo_root": str(REPO)}.items()
-                    if k in defaults}
+        injected = {k: v for k, v in {"manifest": str(manifest.resolve()), "repo_root": str(REPO),
+                                      "budget_manifest": str(budget_manifest.resolve()),
+                                      "budget_grid": str(budget_grid)}.items() if k in defaults}
         chapter_runs.append(Run(notebook=str(p.resolve()), name=c, params_name="chapter", params=injected,
                                 key=f"chapter-{c}", run_dir=str((out_dir / "_build" / "chapter-runs" / c).resolve()),
                                 output=str((stage / "chapters" / f"{c}.ipynb").resolve()), notebook_sha=_sha(p)))

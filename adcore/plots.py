@@ -436,3 +436,45 @@ def plot_shortcuts(table, title: str | None = None) -> Figure:
     ax.set_title(title or "what each paper's test-set shortcut adds", fontsize=10)
     fig.tight_layout()
     return fig
+
+
+def plot_budget(curves, baseline: dict | None = None, spread=None, baseline_name: str = "knn",
+                title: str | None = None) -> Figure:
+    """One panel per metric: each method's mean over categories against its training budget (×1, ×2, ... the
+    default epochs, log-2 axis), the baseline as a dashed horizontal line, and at ×1 the spread over seeds as an
+    error bar (one sample standard deviation), so a rise can be read against seed noise.
+
+    Args:
+        curves: ``adcore.budget.curves(...)`` (columns method, budget and the metrics).
+        baseline: ``{metric: value}`` of the method that needs no training (None: no line).
+        spread: ``adcore.budget.seed_spread(...)`` (columns method, n_seeds, <metric>_std), or None.
+    """
+    needed = {"method", "budget", *METRIC_LABELS}
+    if not needed <= set(getattr(curves, "columns", ())):
+        raise ValueError(f"curves must be adcore.budget.curves(...) with columns {sorted(needed)}")
+    if len(curves) == 0:
+        raise ValueError("curves holds no finished budget")
+    budgets = sorted(int(b) for b in curves["budget"].unique())
+    fig, axes = plt.subplots(1, len(METRIC_LABELS), figsize=(11, 3.4), sharex=True)
+    for ax, (metric, label) in zip(axes, METRIC_LABELS.items()):
+        for i, (method, df) in enumerate(curves.sort_values("budget").groupby("method", sort=True)):
+            color = f"C{i}"
+            ax.plot(df["budget"], df[metric], "o-", color=color, label=method)
+            if spread is not None and len(spread):
+                row = spread[spread["method"] == method]
+                at_one = df[df["budget"] == 1]
+                if len(row) and len(at_one) and row["n_seeds"].iloc[0] > 1:
+                    ax.errorbar(1, at_one[metric].iloc[0], yerr=row[f"{metric}_std"].iloc[0], color=color,
+                                capsize=3, lw=1)
+        if baseline and baseline.get(metric) is not None:
+            ax.axhline(baseline[metric], color="black", ls="--", lw=1, label=f"{baseline_name} (no training)")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(budgets, [f"×{b}" for b in budgets])
+        ax.minorticks_off()
+        ax.set_xlabel("training budget (× default epochs)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7, loc="best")
+    fig.suptitle(title or "mean over categories against training budget", fontsize=10)
+    fig.tight_layout()
+    return fig

@@ -68,7 +68,7 @@ def book(tmp_path_factory):
     grid = tmp / "grid.yaml"
     grid.write_text(f"notebooks: [{nb}]\nparams: [default]\n")
     out = book_builder.build_book(grid=grid, runs_dir=tmp / "runs", book_dir=REPO / "book", out_dir=tmp / "out",
-                            chapters=("comparison", "shortcuts"), progress=False)
+                            chapters=("comparison", "budget", "shortcuts"), progress=False)
     assert not out["failed"], [batch._describe_error(s) for s in out["failed"]]
     return out["html"], out["stage"]
 
@@ -200,6 +200,10 @@ def test_a_reader_sees_every_chapter_the_table_and_a_working_slider(book, browse
             numbers = [c for c in cells if re.fullmatch(r"\s*[01]\.\d{3}\s*", c)]
             assert len(numbers) >= 3, f"the comparison table holds no numbers: {cells[:20]}"
             assert "center_prior" in page.locator("article").inner_text(), "the model-free floor is not shown"
+        if "budget" in path.name:  # the stand-in's own run is its x1 budget: one point per metric, the baseline line
+            body = page.locator("article").inner_text()
+            assert "training budget" in body and page.locator("article img").count() >= 1, "no budget figure"
+            assert "python -m adcore run --grid" in body, "the budget chapter does not say how to run the rest"
         if "shortcuts" in path.name:  # the stand-in's kNN run has a training-image threshold: the F1 row is there
             body = page.locator("article").inner_text()
             assert "F1 at the best threshold on the test set" in body, "the shortcuts chapter shows no shortcut"

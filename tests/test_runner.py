@@ -182,13 +182,23 @@ def test_jobs_run_in_separate_processes_and_the_cli_writes_a_manifest(nbdir, tmp
 def test_grid_file_validation(tmp_path):
     grid = tmp_path / "grid.yaml"
     grid.write_text("notebooks: all\nparams: [default, smoke]\nseeds: [0, 1]\n")
-    assert batch.load_grid(grid) == {"notebooks": "all", "params": ["default", "smoke"], "categories": [None],
-                                      "seeds": [0, 1]}
+    assert batch.load_grid(grid) == [{"notebooks": "all", "params": ["default", "smoke"], "categories": [None],
+                                       "seeds": [0, 1]}]
     grid.write_text("notebook: all\n")
     with pytest.raises(ParameterError, match=r"unknown key\(s\) \['notebook'\]"):
         batch.load_grid(grid)
     grid.write_text("seeds: [zero]\n")
     with pytest.raises(ParameterError, match="seeds must be integers"):
+        batch.load_grid(grid)
+    # several grids add up; each is checked, and 'grids' must stand alone
+    grid.write_text("grids:\n- params: [a]\n- params: [b]\n  seeds: [1, 2]\n")
+    assert [g["params"] for g in batch.load_grid(grid)] == [["a"], ["b"]]
+    assert batch.load_grid(grid)[1]["seeds"] == [1, 2] and batch.load_grid(grid)[0]["seeds"] == [None]
+    grid.write_text("grids:\n- params: [a]\n- seeds: [x]\n")
+    with pytest.raises(ParameterError, match=r"grid 2.*seeds must be integers"):
+        batch.load_grid(grid)
+    grid.write_text("grids: [{params: [a]}]\nseeds: [1]\n")
+    with pytest.raises(ParameterError, match="'grids' must be a non-empty list of grids and the only key"):
         batch.load_grid(grid)
     with pytest.raises(ValueError, match="not found"):
         batch.resolve_notebooks(["nope"], tmp_path)
