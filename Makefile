@@ -1,6 +1,7 @@
 # Two commands do all the set-up on a fresh machine (Python 3.11, no GPU, package registries only):
 #   make test   create/reuse .venv and run the whole test suite
 #   make book   create/reuse .venv, run every notebook with papermill and build the HTML book
+#   make budget run the training-budget grid (about 15 books' worth of training; resumable), then `make book` again
 PYTHON ?= python3
 # Notebook runs side by side in `make book` (2 suits a 2-core machine). Each run gets one torch thread whatever JOBS
 # is, so its numbers do not depend on JOBS (python -m adcore book --threads N asks for more, recorded per result).
@@ -9,7 +10,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.adcore-installed
 
-.PHONY: venv test test-fast book clean
+.PHONY: venv test test-fast book budget clean
 
 venv: $(STAMP)
 
@@ -31,6 +32,9 @@ test-fast: venv
 
 book: venv
 	$(PY) -m adcore book --jobs $(JOBS)
+
+budget: venv
+	$(PY) -m adcore run --grid notebooks/params/budget.yaml --jobs $(JOBS)
 
 clean:
 	rm -rf book/_build book/_runs book/_static/vendor results checkpoints runs
