@@ -18,9 +18,6 @@ METRICS = ("image_auroc", "pixel_auroc", "aupro")
 #: The parameters that hold each notebook's training epochs: the ones a budget multiplies.
 EPOCH_PARAMETERS = {"aand": ("amplify_epochs", "distill_epochs"), "advit": ("num_epochs",),
                     "anovit": ("num_epochs",), "dmad": ("num_epochs",), "vt_adl": ("num_epochs",)}
-#: Each paper's own training length, for the chapter's table (see the notebooks' paper recipes).
-PAPER_EPOCHS = {"aand": "100 + 120", "advit": "not stated", "anovit": "not stated", "dmad": "400",
-                "vt_adl": "400"}
 
 
 def multiple(params_name: str | None) -> int | None:
@@ -35,6 +32,17 @@ def _epochs_text(num_epochs) -> str:
     if isinstance(num_epochs, dict):
         return " + ".join(str(v) for v in num_epochs.values())
     return str(num_epochs)
+
+
+def paper_epochs(method: str) -> str:
+    """The epochs of the model's ``paper`` recipe (:mod:`adcore.recipes`, with its source), per stage; "—" for a
+    name without one. The notebooks are named after their models."""
+    from .registry import get_recipe
+
+    try:
+        return _epochs_text(get_recipe(method, "paper").num_epochs)
+    except (KeyError, ValueError):
+        return "—"
 
 
 def budget_results(*run_lists) -> pd.DataFrame:

@@ -126,3 +126,11 @@ def test_plot_budget_draws_every_metric_with_the_baseline(manifests):
     assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["×1", "×2"]
     with pytest.raises(ValueError, match="no finished budget"):
         plots.plot_budget(budget.curves(table).iloc[:0])
+
+
+def test_paper_epochs_come_from_the_paper_recipes():
+    import adcore
+
+    assert budget.paper_epochs("aand") == "100 + 120"  # AAND train.py: Stage I 100, Stage II 120
+    assert budget.paper_epochs("dmad") == str(adcore.get_recipe("dmad", "paper").num_epochs)
+    assert budget.paper_epochs("no_such_model") == "—"
