@@ -588,7 +588,7 @@ def summarize(statuses: list[dict], log=print) -> bool:
 def write_manifest(statuses: list[dict], path) -> Path:
     """The list of runs (key, notebook, parameters, status, folders) the book's chapters read."""
     keep = ("key", "name", "notebook", "params_name", "params_spec", "params", "threads", "gpu", "status", "run_dir",
-            "output", "seconds", "notebook_sha", "error")
+            "output", "seconds", "notebook_sha", "error", "stale")
     rows = [{k: s.get(k) for k in keep} for s in statuses]
     return atomic_write_json({"created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                               "argv": sys.argv, "runs": rows}, path)

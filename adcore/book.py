@@ -121,9 +121,8 @@ def _stage_toc(toc: dict, available: set[str]) -> tuple[dict, list[str]]:
     return toc, dropped
 
 
-def build_book(*, grid=None, budget_grid=BUDGET_GRID, smoke: bool = False, notebooks=None, jobs: int = 1, executor=None,
-               threads: int = 1,
-               force: bool = False, runs_dir="runs", book_dir=BOOK_DIR, out_dir=None, timeout: float | None = None,
+def build_book(*, grid=None, budget_grid=BUDGET_GRID, smoke: bool = False, notebooks=None, jobs: int = 1,
+               executor=None, threads: int = 1, force: bool = False, runs_dir="runs", book_dir=BOOK_DIR, out_dir=None, timeout: float | None = None,
                run: bool = True, build: bool = True, chapters=BOOK_CHAPTERS, progress: bool = True,
                log=print) -> dict:
     """Run the grid, execute the book's chapters over its results, and build the HTML with Jupyter Book.
@@ -223,9 +222,10 @@ def build_book(*, grid=None, budget_grid=BUDGET_GRID, smoke: bool = False, noteb
     for r in budget_runs:
         st = run_status(r) or asdict(r)
         ok = st.get("status") == "ok" and Path(r.output).is_file()
-        if ok and not is_done(r):
+        stale = ok and not is_done(r)  # shown, and the chapter says so
+        if stale:
             log(f"  budget run {r.key}: the notebook or --threads changed since it finished; shown all the same")
-        budget_statuses.append({**asdict(r), **st, "status": "skipped" if ok else "missing"})
+        budget_statuses.append({**asdict(r), **st, "status": "skipped" if ok else "missing", "stale": stale})
     budget_manifest = write_manifest(budget_statuses, stage / "budget-runs.json")
     if budget_runs:
         done = sum(s["status"] == "skipped" for s in budget_statuses)
