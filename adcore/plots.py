@@ -474,7 +474,8 @@ def plot_budget(curves, baseline: dict | None = None, spread=None, baseline_name
         ax.set_xlabel("training budget (× default epochs)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7, loc="best")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
     fig.suptitle(title or "mean over categories against training budget", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.07, 1, 1))  # room for the legend under the panels, off the curves
     return fig
