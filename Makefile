@@ -37,4 +37,4 @@ budget: venv
 	$(PY) -m adcore run --grid notebooks/params/budget.yaml --jobs $(JOBS)
 
 clean:
-	rm -rf book/_build book/_runs book/_static/vendor results checkpoints runs
+	rm -rf book/_build book/_runs book/_static/vendor results checkpoints runs runs-reproduced
