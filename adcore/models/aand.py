@@ -200,7 +200,9 @@ class AAND(ReverseDistillation):
             of 120); None keeps it constant.
         cache_teacher: in Stage II, keep each training image's amplified teacher features after its first epoch
             instead of recomputing them every step (the same values: the teacher is frozen and the images are not
-            augmented; memory: the three levels of every training image).
+            augmented). Memory: the three levels of every training image, on the training device: 168 KB per image
+            for the default recipe (EfficientNet-Lite0, 128 px), 7.3 MB for the paper's (WideResNet-50-2, 256 px),
+            so 2.9 GB for MVTec AD's largest training set (hazelnut, 391 images).
         **rd_params: the reverse-distillation core's parameters (:class:`ReverseDistillation`).
     """
 
