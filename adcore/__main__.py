@@ -10,6 +10,7 @@ Examples::
     python -m adcore book --smoke                          # the CI-sized book
     python -m adcore run --smoke --scheduler tcp://10.0.0.5:8786           # on a running Dask cluster
     python -m adcore run dmad --params paper --cluster slurm --cluster-config cluster.yaml   # via dask-jobqueue
+    python -m adcore compare runs runs-reproduced          # do two runs folders' results agree to the digit?
 """
 from __future__ import annotations
 
@@ -65,6 +66,11 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--out", default=None, help="output folder; the HTML lands in OUT/_build/html (default: book)")
     b.add_argument("--no-run", action="store_true", help="reuse finished runs only; fail if one is missing")
     b.add_argument("--no-build", action="store_true", help="stage the sources but do not call jupyter-book")
+    c = sub.add_parser("compare", help="do the results files two runs folders share agree in every digit (all "
+                       "but the timing fields)? exit 0 when at least one is shared and none differs")
+    c.add_argument("runs_a", help="a runs folder, e.g. runs")
+    c.add_argument("runs_b", help="another, e.g. runs-reproduced (where the appendix's commands write)")
+    c.set_defaults(handler=_compare)
     from .deploy.cli import add_commands  # train, predict, export
     add_commands(sub)
     return p
@@ -143,6 +149,17 @@ def _book(args) -> int:
         print(f"\nThe book is at {out['html']}\nOpen it with: xdg-open {out['html']}  (or file://{out['html']})")
     print(f"total {time.time() - t0:.0f} s")
     return 0 if ok else 1
+
+
+def _compare(args) -> int:
+    from .provenance import TIMING_FIELDS, compare_runs
+
+    found = compare_runs(args.runs_a, args.runs_b)
+    for rel, fields in found["differ"].items():
+        print(f"DIFFERS {rel}: {', '.join(fields)}")
+    shared = len(found["same"]) + len(found["differ"])
+    print(f"{len(found['same'])} of {shared} shared results files agree in every field but {', '.join(TIMING_FIELDS)}")
+    return 0 if shared and not found["differ"] else 1
 
 
 def main(argv=None) -> int:

@@ -63,3 +63,27 @@ def same_numbers(a: dict, b: dict) -> list[str]:
     keys = sorted((set(a) | set(b)) - set(TIMING_FIELDS))
     # JSON text of each value: floats as their shortest exact digits, nested keys sorted
     return [k for k in keys if json.dumps(a.get(k), sort_keys=True) != json.dumps(b.get(k), sort_keys=True)]
+
+
+def compare_runs(runs_a, runs_b) -> dict:
+    """Every results file two runs directories share (same ``<notebook>/<run key>/results/<file>``), checked with
+    :func:`same_numbers`: ``{"same": [paths], "differ": {path: [fields]}}``, paths relative to the directories."""
+    import json
+    from pathlib import Path
+
+    runs_a, runs_b = Path(runs_a), Path(runs_b)
+    for d in (runs_a, runs_b):
+        if not d.is_dir():
+            raise ValueError(f"runs directory {str(d)!r} does not exist")
+    out = {"same": [], "differ": {}}
+    for fa in sorted(runs_a.glob("*/*/results/*.json")):
+        rel = fa.relative_to(runs_a)
+        fb = runs_b / rel
+        if fb.is_file():
+            fields = same_numbers(json.loads(fa.read_text()), json.loads(fb.read_text()))
+            if fields:
+                out["differ"][str(rel)] = fields
+            else:
+                out["same"].append(str(rel))
+    return out
+

@@ -413,3 +413,20 @@ def test_a_lock_from_another_host_holds_until_its_lease_expires(nbdir, tmp_path)
     os.utime(lock, (old, old))
     assert batch.run_status(run)["status"] == "interrupted"
     assert batch.execute_run(run)["status"] == "ok" and not lock.exists()
+
+
+def test_compare_checks_every_digit_of_the_shared_results_files(tmp_path, capsys):
+    res = {"image_auroc": 0.9012345678901234, "created": "then", "fit_seconds": 1.0, "params": {"seed": 0}}
+    for d in ("a", "b"):
+        path = tmp_path / d / "nb" / "nb-default-x-s0" / "results" / "r.json"
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps({**res, "created": d, "fit_seconds": len(d) + (d == "b")}))  # timing differs
+    (tmp_path / "a" / "nb" / "nb-default-x-s0" / "results" / "only_a.json").write_text("{}")  # not shared: ignored
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b")]) == 0
+    assert "1 of 1 shared results files agree" in capsys.readouterr().out
+    b = tmp_path / "b" / "nb" / "nb-default-x-s0" / "results" / "r.json"
+    b.write_text(json.dumps({**res, "image_auroc": 0.9012345678901235}))  # one digit in the 16th place
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b")]) == 1
+    assert "DIFFERS nb/nb-default-x-s0/results/r.json: image_auroc" in capsys.readouterr().out
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "nowhere")]) == 2
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path)]) == 1  # nothing shared is not a pass
