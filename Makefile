@@ -1,7 +1,7 @@
 # Two commands do all the set-up on a fresh machine (Python 3.11, no GPU, package registries only):
 #   make test   create/reuse .venv and run the whole test suite
 #   make book   create/reuse .venv, run every notebook with papermill and build the HTML book
-#   make budget run the training-budget grid (about 15 books' worth of training; resumable), then `make book` again
+#   make budget run the training-budget grid (58 min on a 2-core machine with JOBS=2; resumable), then `make book` again
 PYTHON ?= python3
 # Notebook runs side by side in `make book` (2 suits a 2-core machine). Each run gets one torch thread whatever JOBS
 # is, so its numbers do not depend on JOBS (python -m adcore book --threads N asks for more, recorded per result).
