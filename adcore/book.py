@@ -121,6 +121,17 @@ def _stage_toc(toc: dict, available: set[str]) -> tuple[dict, list[str]]:
     return toc, dropped
 
 
+def _finished_status(run: Run, log, stale_note: str) -> dict:
+    """A run's status for a book that does not execute it: ``skipped`` (finished, reused) or ``missing``, and
+    ``stale`` when it finished for another notebook source or thread count (said in the log, with ``stale_note``)."""
+    st = run_status(run) or asdict(run)
+    ok = st.get("status") == "ok" and Path(run.output).is_file()
+    stale = ok and not is_done(run)
+    if stale:
+        log(f"  {run.key}: the notebook or --threads changed since this run finished; {stale_note}")
+    return {**asdict(run), **st, "status": "skipped" if ok else "missing", "stale": stale}
+
+
 def build_book(*, grid=None, budget_grid=BUDGET_GRID, smoke: bool = False, notebooks=None, jobs: int = 1,
                executor=None, threads: int = 1, force: bool = False, runs_dir="runs", book_dir=BOOK_DIR, out_dir=None, timeout: float | None = None,
                run: bool = True, build: bool = True, chapters=BOOK_CHAPTERS, progress: bool = True,
@@ -182,14 +193,7 @@ def build_book(*, grid=None, budget_grid=BUDGET_GRID, smoke: bool = False, noteb
                                 log=log)
     else:
         # rebuild from what finished, even where the notebook has changed since (said so, not hidden)
-        statuses = []
-        for r in runs:
-            st = run_status(r) or asdict(r)
-            ok = st.get("status") == "ok" and Path(r.output).is_file()
-            if ok and not is_done(r):
-                log(f"  {r.key}: the notebook or --threads changed since this run finished; using the older run "
-                    "(--no-run)")
-            statuses.append({**st, "status": "skipped" if ok else "missing"})
+        statuses = [_finished_status(r, log, "using the older run (--no-run)") for r in runs]
         missing = [s["key"] for s in statuses if s["status"] == "missing"]
         if missing:
             raise RuntimeError(f"--no-run, but these runs have not finished: {missing}")
@@ -218,14 +222,8 @@ def build_book(*, grid=None, budget_grid=BUDGET_GRID, smoke: bool = False, noteb
         _stage_notebook(Path(st["output"]), stage / "papers" / f"{st['name']}.ipynb")
         produced.add(f"papers/{st['name']}")
     manifest = write_manifest(statuses, stage / "runs.json")
-    budget_statuses = []
-    for r in budget_runs:
-        st = run_status(r) or asdict(r)
-        ok = st.get("status") == "ok" and Path(r.output).is_file()
-        stale = ok and not is_done(r)  # shown, and the chapter says so
-        if stale:
-            log(f"  budget run {r.key}: the notebook or --threads changed since it finished; shown all the same")
-        budget_statuses.append({**asdict(r), **st, "status": "skipped" if ok else "missing", "stale": stale})
+    budget_statuses = [_finished_status(r, log, "shown all the same (the budget chapter names it)")
+                       for r in budget_runs]
     budget_manifest = write_manifest(budget_statuses, stage / "budget-runs.json")
     if budget_runs:
         done = sum(s["status"] == "skipped" for s in budget_statuses)

@@ -96,7 +96,7 @@ def run_experiment(model_name: str, *, model_params: dict | None = None, dataset
     if resample is None:  # a model without a default recipe gets the loaders' default
         resample = recipe.resample if recipe is not None else "bilinear"
     if num_epochs is None or lr is None or batch_size is None:
-        given = get_recipe(model_name).training_kwargs()  # raises, naming the model, if it has no recipe
+        given = (recipe or get_recipe(model_name)).training_kwargs()  # get_recipe raises, naming the model
         num_epochs = given["num_epochs"] if num_epochs is None else num_epochs
         lr = given["lr"] if lr is None else lr
         batch_size = given["batch_size"] if batch_size is None else batch_size

@@ -123,7 +123,7 @@ def train(model_name: str, data: str, out, *, category: str | None = None, recip
     out = Path(out)
     training, params = resolve_settings(model_name, recipe, overrides)
     size = training["image_size"]
-    images = good_images(data, category, size, training.get("resample", "bilinear"))
+    images = good_images(data, category, size, training["resample"])
     train_idx, hold_idx = split_holdout(len(images), holdout, seed)
     ckpt = out.parent / f"{out.name}.train"
     settings = {"model": model_name, "model_params": params, "training": training, "data": str(data),
@@ -160,7 +160,7 @@ def train(model_name: str, data: str, out, *, category: str | None = None, recip
     facts = {"data": str(data), "category": category, "n_images": len(images), "n_train": len(train_idx),
              "n_holdout": len(hold_idx), "holdout_fraction": holdout, "seed": seed, "device": str(device),
              "fit_seconds": round(fit_seconds, 2), "holdout_paths": [images.paths[i] for i in hold_idx], **training}
-    save(model, out, image_size=size, resample=training.get("resample", "bilinear"), recipe=recipe_record,
+    save(model, out, image_size=size, resample=training["resample"], recipe=recipe_record,
          threshold=threshold, training=facts)
     shutil.rmtree(ckpt, ignore_errors=True)
     print(f"wrote {out}")
