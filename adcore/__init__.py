@@ -9,11 +9,11 @@ The public surface::
 """
 from __future__ import annotations
 
-from . import metrics, notebook
+from . import metrics
 from .artifact import load, save
 from .data import list_categories, load_dataset
 from .evaluation import evaluate
-from .experiment import ExperimentResult, run_experiment
+from .runs.experiment import ExperimentResult, run_experiment
 from .recipes import Recipe
 from .registry import create_model, get_recipe, list_models, register_model
 from .training import NonFiniteLossError, fit

@@ -84,7 +84,7 @@ def _executor(args, dry_run: bool = False):
         return None
     if args.jobs != 1:
         raise ValueError("--jobs is for local runs; on Dask, each worker's --nthreads says how many runs it takes")
-    from .batch_dask import DaskExecutor, cluster_options, start_cluster
+    from .runs.dask import DaskExecutor, cluster_options, start_cluster
 
     cluster = None
     if args.cluster:
@@ -99,7 +99,8 @@ def _executor(args, dry_run: bool = False):
 
 
 def _run(args) -> int:
-    from .batch import execute_runs, load_grid, plan_grids, run_status, summarize, write_manifest
+    from .runs.execute import execute_runs, run_status, summarize, write_manifest
+    from .runs.plan import load_grid, plan_grids
 
     # without --grid, `run` means the notebooks' own defaults (the book's grid is for `book`); flags override every
     # grid of the file
@@ -131,8 +132,8 @@ def _run(args) -> int:
 
 
 def _book(args) -> int:
-    from .batch import summarize
-    from .book import build_book
+    from .runs.execute import summarize
+    from .book.build import build_book
 
     t0 = time.time()
     executor = _executor(args) if not args.no_run else None
@@ -152,7 +153,7 @@ def _book(args) -> int:
 
 
 def _compare(args) -> int:
-    from .provenance import TIMING_FIELDS, compare_runs
+    from .runs.provenance import TIMING_FIELDS, compare_runs
 
     found = compare_runs(args.runs_a, args.runs_b)
     for rel, fields in found["differ"].items():
@@ -164,7 +165,7 @@ def _compare(args) -> int:
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
-    from .notebook import ParameterError
+    from .runs.params import ParameterError
 
     try:
         if hasattr(args, "handler"):

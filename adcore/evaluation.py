@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
-from . import metrics, provenance
+from . import metrics
+from .runs import provenance
 from .types import AnomalyModel, AnomalyOutput
 from .utils import atomic_write_bytes, params_hash, resolve_device
 

@@ -412,12 +412,12 @@ def plot_shortcuts(table, title: str | None = None) -> Figure:
     """One line per shortcut: the honest number (dot) and what the shortcut reports (arrow head).
 
     Args:
-        table: ``adcore.shortcuts.shortcut_table(results)`` (columns paper, shortcut, method, metric, honest,
+        table: ``adcore.book.shortcuts.shortcut_table(results)`` (columns paper, shortcut, method, metric, honest,
             shortcut_value).
     """
     needed = {"paper", "shortcut", "method", "metric", "honest", "shortcut_value"}
     if not needed <= set(getattr(table, "columns", ())):
-        raise ValueError(f"table must be adcore.shortcuts.shortcut_table(...) with columns {sorted(needed)}")
+        raise ValueError(f"table must be adcore.book.shortcuts.shortcut_table(...) with columns {sorted(needed)}")
     if len(table) == 0:
         raise ValueError("table holds no shortcut rows")
     labels = [f"{r.paper} · {r.method} · {r.metric}\n{r.shortcut}" for r in table.itertuples()]
@@ -445,13 +445,13 @@ def plot_budget(curves, baseline: dict | None = None, spread=None, baseline_name
     error bar (one sample standard deviation), so a rise can be read against seed noise.
 
     Args:
-        curves: ``adcore.budget.curves(...)`` (columns method, budget and the metrics).
+        curves: ``adcore.book.budget.curves(...)`` (columns method, budget and the metrics).
         baseline: ``{metric: value}`` of the method that needs no training (None: no line).
-        spread: ``adcore.budget.seed_spread(...)`` (columns method, n_seeds, <metric>_std), or None.
+        spread: ``adcore.book.budget.seed_spread(...)`` (columns method, n_seeds, <metric>_std), or None.
     """
     needed = {"method", "budget", *METRIC_LABELS}
     if not needed <= set(getattr(curves, "columns", ())):
-        raise ValueError(f"curves must be adcore.budget.curves(...) with columns {sorted(needed)}")
+        raise ValueError(f"curves must be adcore.book.budget.curves(...) with columns {sorted(needed)}")
     if len(curves) == 0:
         raise ValueError("curves holds no finished budget")
     budgets = sorted(int(b) for b in curves["budget"].unique())

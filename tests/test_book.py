@@ -17,8 +17,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from adcore import batch
-from adcore import book as book_builder
+from adcore.runs import execute
+from adcore.book import build as book_builder
 
 pytestmark = pytest.mark.notebook
 
@@ -39,8 +39,8 @@ def stand_in_paper(path: Path) -> Path:
         code('dataset = "textures"  # benchmark\ndata_root = None  # its folder\ncategories = ["brick"]  # which\n'
              'image_size = 64  # pixels\nseed = 0  # seed\nresults_dir = "results"  # results JSON\n'
              'run_name = None  # name in the results', metadata={"tags": ["parameters"]}),
-        code("import adcore\nimport adcore.notebook\nfrom adcore import plots, viewer\n\n"
-             "params = adcore.notebook.check_parameters(globals())"),
+        code("import adcore\nimport adcore.runs.params\nfrom adcore import plots, viewer\n\n"
+             "params = adcore.runs.params.check_parameters(globals())"),
         code("exp = adcore.run_experiment('knn', dataset=dataset, data_root=data_root, categories=categories,\n"
              "                           image_size=image_size, num_epochs=1, seed=seed, results_dir=results_dir,\n"
              "                           run_name=run_name, checkpoint_root=None, resume=False,\n"
@@ -69,7 +69,7 @@ def book(tmp_path_factory):
     grid.write_text(f"notebooks: [{nb}]\nparams: [default]\n")
     out = book_builder.build_book(grid=grid, runs_dir=tmp / "runs", book_dir=REPO / "book", out_dir=tmp / "out",
                             chapters=("comparison", "budget", "shortcuts"), progress=False)
-    assert not out["failed"], [batch._describe_error(s) for s in out["failed"]]
+    assert not out["failed"], [execute._describe_error(s) for s in out["failed"]]
     return out["html"], out["stage"]
 
 

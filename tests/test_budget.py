@@ -10,8 +10,10 @@ from pathlib import Path
 import matplotlib
 import pytest
 
-from adcore import batch, budget, plots
-from adcore.notebook import parse_parameters
+from adcore import plots
+from adcore.book import budget
+from adcore.runs import collect, plan
+from adcore.runs.params import parse_parameters
 
 matplotlib.use("Agg")
 REPO = Path(__file__).resolve().parent.parent
@@ -40,14 +42,14 @@ def test_every_notebook_is_in_the_budget_chapter():
 
 def test_budget_grid_plans_every_budget_and_reuses_the_books_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
-    runs = batch.plan_grids(batch.load_grid(batch.BUDGET_GRID), runs_dir=tmp_path, check_data=False)
+    runs = plan.plan_grids(plan.load_grid(plan.BUDGET_GRID), runs_dir=tmp_path, check_data=False)
     by_name = {}
     for r in runs:
         by_name.setdefault(r.name, []).append((budget.multiple(r.params_name), r.params.get("seed")))
     for name in budget.EPOCH_PARAMETERS:
         assert sorted(by_name[name], key=str) == sorted([(1, None), (2, None), (4, None), (8, None), (1, 1), (1, 2)],
                                                        key=str)
-    book = batch.plan_grids(batch.load_grid(batch.DEFAULT_GRID), runs_dir=tmp_path, check_data=False)
+    book = plan.plan_grids(plan.load_grid(plan.DEFAULT_GRID), runs_dir=tmp_path, check_data=False)
     assert {r.key for r in book} <= {r.key for r in runs}  # x1 at the notebooks' seed is the book's own run
 
 
@@ -104,16 +106,16 @@ def test_budget_results_curves_and_spread(manifests):
 
 def test_extra_seeds_feed_the_comparisons_mean_and_spread(manifests):
     book_runs, planned = manifests
-    results = batch.collect_results(book_runs)
+    results = collect.collect_results(book_runs)
     extra = budget.extra_seeds(results, planned)
     assert {(r["seed"], r["method"]) for r in extra} == {(1, "aand")}  # not seed 0 twice, not the unfinished seed 2
-    table = batch.results_over_seeds(results + extra)
+    table = collect.results_over_seeds(results + extra)
     assert table.loc[("aand", "brick"), "image_auroc"] == pytest.approx(0.7)
     assert table.loc[("aand", "brick"), "image_auroc_std"] == pytest.approx(math.sqrt(2) * 0.1)
     assert table.loc[("aand", "mean"), "image_auroc"] == pytest.approx(0.65)  # (0.7 + 0.6) / 2 per seed, then mean
     assert table.loc[("aand", "mean"), "n_seeds"] == 2
     with pytest.raises(ValueError, match="same method, category and seed"):
-        batch.results_over_seeds(results + results)
+        collect.results_over_seeds(results + results)
 
 
 def test_plot_budget_draws_every_metric_with_the_baseline(manifests):

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from adcore import evaluate, fit
-from adcore.notebook import ParameterError, check_parameters, validate_parameters
+from adcore.runs.params import ParameterError, check_parameters, validate_parameters
 from adcore.recipes import Recipe
 from adcore.registry import create_model, register_model
 from adcore.training import NonFiniteLossError

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from adcore import batch, provenance
+from adcore.runs import collect, execute, plan, provenance
 from adcore.__main__ import main
 from test_runner import _wait_for
 
@@ -54,7 +54,7 @@ def reference(grid):
     """The grid run locally, two runs side by side: what every other way of running it must reproduce."""
     proc = _run_cli(grid, "--jobs", "2", "--runs-dir", "runs-local")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return batch.load_manifest(grid / "runs-local" / "manifest.json")
+    return collect.load_manifest(grid / "runs-local" / "manifest.json")
 
 
 @pytest.fixture(scope="module")
@@ -120,19 +120,19 @@ def test_slurm_job_script(tmp_path, capsys):
     ctx = dask_worker.make_context("dask worker", args)  # the worker's own CLI parses the line
     # 8 cores, 2 torch threads per run: 4 runs side by side; one GPU resource for runs with device: cuda
     assert ctx.params["nthreads"] == 4 and ctx.params["resources"] == "GPU=1"
-    from adcore.batch_dask import cluster_options
-    from adcore.notebook import ParameterError
+    from adcore.runs.dask import cluster_options
+    from adcore.runs.params import ParameterError
 
     with pytest.raises(ParameterError, match="unknown cluster 'condor'"):
         cluster_options("condor")
 
 
 def test_a_worker_that_cannot_see_the_runs_dir_fails_early(cluster, tmp_path):
-    from adcore.batch_dask import DaskExecutor
+    from adcore.runs.dask import DaskExecutor
 
     executor = DaskExecutor(scheduler=cluster["address"], log=lambda *a: None)
     try:
-        marker = batch.mark_runs_dir(tmp_path / "runs")
+        marker = execute.mark_runs_dir(tmp_path / "runs")
         executor.check_workers(tmp_path / "runs", marker, [])  # the same folder: fine
         with pytest.raises(RuntimeError, match=r"(?s)3 of 3 Dask worker\(s\).*is another folder of the same name"):
             executor.check_workers(tmp_path / "runs", "a-different-marker")
@@ -153,13 +153,13 @@ def test_reproduce_command_gives_the_same_digits_at_another_jobs(grid, reference
     """Issue 11 §2: the appendix's command for one run, run at --jobs 1 (the reference ran at --jobs 2), writes
     results files equal to the reference's in every field but the timing ones."""
     row = next(r for r in reference if r["name"] == "anovit")
-    cmd = batch.reproduce_command(row, repo_root=grid)
+    cmd = collect.reproduce_command(row, repo_root=grid)
     assert cmd == ("python -m adcore run notebooks/anovit.ipynb --params kill --categories brick --threads 1 "
                    "--runs-dir runs-reproduced")
-    proc = subprocess.run([sys.executable, *batch.shlex.split(cmd)[1:], "--no-progress", "--jobs", "1"], cwd=grid,
+    proc = subprocess.run([sys.executable, *collect.shlex.split(cmd)[1:], "--no-progress", "--jobs", "1"], cwd=grid,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    again = batch.load_manifest(grid / "runs-reproduced" / "manifest.json")
+    again = collect.load_manifest(grid / "runs-reproduced" / "manifest.json")
     assert [r["key"] for r in again] == [row["key"]]
     _assert_same_results(Path(row["run_dir"]), Path(again[0]["run_dir"]))
 
@@ -219,10 +219,10 @@ def test_a_cuda_run_asks_for_a_gpu_worker(cluster, tmp_path):
                            "--no-progress", "--scheduler", cluster["address"]], capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    statuses = batch.load_manifest(tmp_path / "runs" / "manifest.json")
+    statuses = collect.load_manifest(tmp_path / "runs" / "manifest.json")
     assert [s["gpu"] for s in statuses] == [True] * 3
     # each run's status names the worker process that held it: the GPU worker, three times out of three
-    holders = [json.loads((Path(s["run_dir"]) / batch.STATUS).read_text())["pid"] for s in statuses]
+    holders = [json.loads((Path(s["run_dir"]) / execute.STATUS).read_text())["pid"] for s in statuses]
     assert holders == [cluster["gpu_pid"]] * 3
 
 
@@ -237,12 +237,12 @@ def test_a_killed_worker_loses_nothing(grid, reference, cluster):
                                "notebooks/anovit.ipynb", "--params", "kill", "--no-progress", "--runs-dir",
                                "runs-dask", "--scheduler", cluster["address"]], cwd=grid, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)
-    runs = batch.plan_runs([grid / "notebooks" / "vt_adl.ipynb", grid / "notebooks" / "anovit.ipynb"], ["kill"],
+    runs = plan.plan_runs([grid / "notebooks" / "vt_adl.ipynb", grid / "notebooks" / "anovit.ipynb"], ["kill"],
                            runs_dir=grid / "runs-dask")
     victim = runs[0]
     ckpts = Path(victim.run_dir) / "checkpoints"
     ckpt = _wait_for(lambda: next(ckpts.glob("*/last.pt"), None), 300, what="the vt_adl run's first checkpoint")
-    holder, _ = batch.runlock.read_lock(victim.run_dir)
+    holder, _ = execute.runlock.read_lock(victim.run_dir)
     worker = {pid: addr for addr, pid in cluster["pids"].items()}[holder["pid"]]
     os.kill(holder["pid"], signal.SIGKILL)
     t_kill = time.time()
@@ -254,9 +254,9 @@ def test_a_killed_worker_loses_nothing(grid, reference, cluster):
     out, _ = driver.communicate(timeout=600)
     t_end = time.time()
     assert driver.returncode == 0, out[-3000:]
-    statuses = batch.load_manifest(grid / "runs-dask" / "manifest.json")
+    statuses = collect.load_manifest(grid / "runs-dask" / "manifest.json")
     assert [s["status"] for s in statuses] == ["ok", "ok"], out[-3000:]
-    final = batch._read_status(victim)
+    final = execute._read_status(victim)
     assert final["pid"] != holder["pid"] and final["pid"] in cluster["pids"].values()  # the other worker
     assert f"checkpoints/{ckpt.parent.name}/last.pt" in final["resumed_from"]  # it found the checkpoint
     finished = datetime.datetime.fromisoformat(final["finished"]).timestamp()

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from adcore.notebook import parse_parameters, validate_parameters
+from adcore.runs.params import parse_parameters, validate_parameters
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ("dmad", "aand")

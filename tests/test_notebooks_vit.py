@@ -51,7 +51,7 @@ def test_notebook_rejects_unknown_parameter(paper, tmp_path):
 
 @pytest.mark.parametrize("paper", PAPERS)
 def test_parameter_files_name_only_known_parameters(paper):
-    from adcore.notebook import parse_parameters, validate_parameters
+    from adcore.runs.params import parse_parameters, validate_parameters
 
     defaults = parse_parameters(NOTEBOOKS / f"{paper}.ipynb")
     for name in ("smoke", "paper"):

@@ -93,7 +93,7 @@ def _run_paper_config(notebook: str, mode: str | None, root: Path, tmp_path: Pat
     assert values["image_size"] == SIZE and values["backbone"] == "wide_resnet50_2"
 
     built, times = [], []
-    create = adcore.experiment.create_model
+    create = adcore.runs.experiment.create_model
 
     def create_timed(name, **params):
         model = create(name, **params)
@@ -101,7 +101,7 @@ def _run_paper_config(notebook: str, mode: str | None, root: Path, tmp_path: Pat
         built.append(model)
         return model
 
-    monkeypatch.setattr(adcore.experiment, "create_model", create_timed)
+    monkeypatch.setattr(adcore.runs.experiment, "create_model", create_timed)
     start, cpu_start = time.perf_counter(), time.process_time()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*RANDOMLY INITIALISED.*")  # the switch is deliberate here

@@ -26,7 +26,7 @@ import yaml
 from PIL import Image
 
 import adcore
-import adcore.experiment
+import adcore.runs.experiment
 
 pytestmark = pytest.mark.slow
 
@@ -79,9 +79,9 @@ class _Meter:
     """Wraps ``fit`` and ``evaluate`` inside ``run_experiment`` to time them and read the peak RSS of each."""
 
     def __init__(self, monkeypatch):
-        self.rows, self._fit, self._evaluate = [], adcore.experiment.fit, adcore.experiment.evaluate
-        monkeypatch.setattr(adcore.experiment, "fit", self.fit)
-        monkeypatch.setattr(adcore.experiment, "evaluate", self.evaluate)
+        self.rows, self._fit, self._evaluate = [], adcore.runs.experiment.fit, adcore.runs.experiment.evaluate
+        monkeypatch.setattr(adcore.runs.experiment, "fit", self.fit)
+        monkeypatch.setattr(adcore.runs.experiment, "evaluate", self.evaluate)
 
     def fit(self, model, train, *, epoch_end=None, **kwargs):
         steps, cpu = {}, {}

@@ -160,7 +160,7 @@ def test_image_helpers():
 
 
 def test_plot_shortcuts_draws_one_line_per_shortcut():
-    from adcore import shortcuts
+    from adcore.book import shortcuts
 
     results = [{"model": "vt_adl", "run_name": "vt_adl", "category": c, "aupro": 0.5, "vtadl_pro": 0.8,
                 "image_auroc": 0.7, "f1_max_oracle": 0.9, "f1_train_threshold": 0.6} for c in ("brick", "grass")]

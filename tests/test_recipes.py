@@ -5,7 +5,7 @@ import pytest
 import yaml
 
 import adcore
-from adcore.notebook import parse_parameters
+from adcore.runs.params import parse_parameters
 from adcore.recipes import TRAINING_KEYS, Recipe, recipes_of
 from adcore.registry import model_class
 

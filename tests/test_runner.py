@@ -1,5 +1,5 @@
-"""adcore.batch and ``python -m adcore run``: planning, up-front validation, skipping, failures, parallel runs, locks;
-adcore.book's staging.
+"""adcore.runs and ``python -m adcore run``: planning, up-front validation, skipping, failures, parallel runs, locks;
+adcore.book.build's staging.
 
 The notebooks here are tiny stand-ins written into tmp_path (no torch import), so each papermill run costs only a
 kernel start.
@@ -10,10 +10,11 @@ import os
 import nbformat
 import pytest
 
-from adcore import batch, book
+from adcore.book import build as book
+from adcore.runs import collect, execute, plan
 from adcore.__main__ import main
 from adcore.data import DataError
-from adcore.notebook import ParameterError
+from adcore.runs.params import ParameterError
 
 pytestmark = pytest.mark.notebook
 
@@ -53,16 +54,16 @@ def write_yaml(path, text):
 
 
 def result_of(run):
-    return json.loads((batch.Path(run.run_dir) / "results" / "r.json").read_text())
+    return json.loads((execute.Path(run.run_dir) / "results" / "r.json").read_text())
 
 
 def test_plan_keys_by_notebook_params_and_seed(nbdir, tmp_path):
     nb = nbdir / "ok.ipynb"
-    runs = batch.plan_runs([nb], ["default", "five"], [None], [0, 1], runs_dir=tmp_path / "runs")
+    runs = plan.plan_runs([nb], ["default", "five"], [None], [0, 1], runs_dir=tmp_path / "runs")
     keys = [r.key for r in runs]
     assert len(set(keys)) == 4 and all(k.startswith("ok-") for k in keys)
     assert keys[0].startswith("ok-default-") and keys[0].endswith("-s0") and keys[3].startswith("ok-five-")
-    again = batch.plan_runs([nb], ["default", "five"], [None], [0, 1], runs_dir=tmp_path / "runs")
+    again = plan.plan_runs([nb], ["default", "five"], [None], [0, 1], runs_dir=tmp_path / "runs")
     assert [r.key for r in again] == keys  # stable across invocations
     assert runs[3].params["x"] == 5 and runs[3].params["seed"] == 1
     assert runs[0].params["results_dir"] == os.path.join(runs[0].run_dir, "results")
@@ -80,9 +81,9 @@ def test_bad_parameter_files_fail_before_any_run(nbdir, tmp_path):
                         ("broken", "not valid YAML"), ("list", "must hold a mapping"),
                         ("runner", "set by the runner"), ("missing", "does not exist")]:
         with pytest.raises(ParameterError, match=match):
-            batch.plan_runs([nb], ["default", name], runs_dir=tmp_path / "runs")
+            plan.plan_runs([nb], ["default", name], runs_dir=tmp_path / "runs")
     with pytest.raises(ParameterError, match="no 'seed' parameter"):
-        batch.plan_runs([nbdir / "bad.ipynb"], seeds=[1], runs_dir=tmp_path / "runs")
+        plan.plan_runs([nbdir / "bad.ipynb"], seeds=[1], runs_dir=tmp_path / "runs")
     # the CLI turns it into one clear line and exit status 2, and nothing ran
     assert main(["run", str(nb), "--params", "typo", "--runs-dir", str(tmp_path / "runs"), "--no-progress"]) == 2
     assert not (tmp_path / "runs").exists()
@@ -92,11 +93,11 @@ def test_missing_data_root_or_category_fails_up_front(tmp_path):
     nb = write_notebook(tmp_path / "data.ipynb", 'dataset = "textures"  # d\ndata_root = None  # r\n'
                         'categories = None  # c', ["1"])
     with pytest.raises(DataError, match="nor an existing folder"):
-        batch.plan_runs([nb], [{"dataset": str(tmp_path / "nowhere")}], runs_dir=tmp_path / "runs")
+        plan.plan_runs([nb], [{"dataset": str(tmp_path / "nowhere")}], runs_dir=tmp_path / "runs")
     with pytest.raises(DataError, match="never downloaded"):
-        batch.plan_runs([nb], [{"dataset": "mvtec"}], runs_dir=tmp_path / "runs")
+        plan.plan_runs([nb], [{"dataset": "mvtec"}], runs_dir=tmp_path / "runs")
     with pytest.raises(DataError, match="does not exist"):
-        batch.plan_runs([nb], [{"dataset": "mvtec", "data_root": str(tmp_path / "absent")}],
+        plan.plan_runs([nb], [{"dataset": "mvtec", "data_root": str(tmp_path / "absent")}],
                          runs_dir=tmp_path / "runs")
     assert main(["run", str(nb), "--params", str(write_yaml(tmp_path / "p.yaml", "dataset: mvtec\n")),
                  "--runs-dir", str(tmp_path / "runs")]) == 2
@@ -108,15 +109,15 @@ def test_unknown_category_fails_up_front(tmp_path, monkeypatch):
                         'categories = None  # c', ["1"])
     monkeypatch.setattr("adcore.data.list_categories", lambda name, data_root=None: ["brick", "grass"])
     with pytest.raises(ParameterError, match=r"categories \['carpet'\] are not in dataset"):
-        batch.plan_runs([nb], categories=["carpet"], runs_dir=tmp_path / "runs")
-    assert batch.plan_runs([nb], categories=["brick"], runs_dir=tmp_path / "runs")[0].params["categories"] == \
+        plan.plan_runs([nb], categories=["carpet"], runs_dir=tmp_path / "runs")
+    assert plan.plan_runs([nb], categories=["brick"], runs_dir=tmp_path / "runs")[0].params["categories"] == \
         ["brick"]
 
 
 def test_failures_are_reported_with_their_cell_and_do_not_stop_the_batch(nbdir, tmp_path):
-    runs = batch.plan_runs([nbdir / "bad.ipynb", nbdir / "ok.ipynb"], runs_dir=tmp_path / "runs")
+    runs = plan.plan_runs([nbdir / "bad.ipynb", nbdir / "ok.ipynb"], runs_dir=tmp_path / "runs")
     log = []
-    statuses = batch.execute_runs(runs, progress=False, log=log.append)
+    statuses = execute.execute_runs(runs, progress=False, log=log.append)
     assert [s["status"] for s in statuses] == ["failed", "ok"]
     err = statuses[0]["error"]
     assert err["type"] == "ValueError" and "boom on purpose" in err["message"]
@@ -129,34 +130,34 @@ def test_failures_are_reported_with_their_cell_and_do_not_stop_the_batch(nbdir, 
     assert result_of(runs[1])["viewer"] == "static"  # the viewer pre-renders under the runner
     assert result_of(runs[1])["cwd"] == runs[1].run_dir
     lines = []
-    assert batch.summarize(statuses, log=lines.append) is False
+    assert execute.summarize(statuses, log=lines.append) is False
     assert any("1 of 2 runs failed" in line for line in lines)
 
 
 def test_finished_runs_are_skipped_unless_forced_or_stale(nbdir, tmp_path):
     nb = nbdir / "ok.ipynb"
-    runs = batch.plan_runs([nb], seeds=[3], runs_dir=tmp_path / "runs")
-    assert batch.execute_runs(runs, progress=False)[0]["status"] == "ok"
+    runs = plan.plan_runs([nb], seeds=[3], runs_dir=tmp_path / "runs")
+    assert execute.execute_runs(runs, progress=False)[0]["status"] == "ok"
     stamp = os.stat(runs[0].output).st_mtime_ns
-    assert batch.execute_runs(runs, progress=False)[0]["status"] == "skipped"
+    assert execute.execute_runs(runs, progress=False)[0]["status"] == "skipped"
     assert os.stat(runs[0].output).st_mtime_ns == stamp
     # an interrupted run (status never reached ok) is redone, resuming from its checkpoints but not keeping the
     # results of the interrupted attempt (a second file per category)
-    run_dir = batch.Path(runs[0].run_dir)
-    status_path = run_dir / batch.STATUS
+    run_dir = execute.Path(runs[0].run_dir)
+    status_path = run_dir / execute.STATUS
     status = json.loads(status_path.read_text())
     status_path.write_text(json.dumps({**status, "status": "running"}))
     (run_dir / "checkpoints").mkdir()
     (run_dir / "results" / "stale.json").write_text("{}")
-    assert batch.execute_runs(runs, progress=False)[0]["status"] == "ok"
+    assert execute.execute_runs(runs, progress=False)[0]["status"] == "ok"
     assert (run_dir / "checkpoints").is_dir() and not (run_dir / "results" / "stale.json").exists()
     # forced: starts over, checkpoints included
-    assert batch.execute_runs(runs, force=True, progress=False)[0]["status"] == "ok"
+    assert execute.execute_runs(runs, force=True, progress=False)[0]["status"] == "ok"
     assert not (run_dir / "checkpoints").exists()
     # the notebook changed since it finished: stale, so rerun
     write_notebook(nb, OK_PARAMS, OK_CELLS + ["print('new cell')"])
-    runs = batch.plan_runs([nb], seeds=[3], runs_dir=tmp_path / "runs")
-    assert batch.execute_runs(runs, progress=False)[0]["status"] == "ok"
+    runs = plan.plan_runs([nb], seeds=[3], runs_dir=tmp_path / "runs")
+    assert execute.execute_runs(runs, progress=False)[0]["status"] == "ok"
     assert result_of(runs[0])["seed"] == 3
 
 
@@ -165,16 +166,16 @@ def test_jobs_run_in_separate_processes_and_the_cli_writes_a_manifest(nbdir, tmp
     rc = main(["run", str(nbdir / "ok.ipynb"), "--seeds", "0", "1", "--jobs", "2", "--runs-dir", str(rd),
                "--no-progress"])
     assert rc == 0
-    manifest = batch.load_manifest(rd / "manifest.json")
+    manifest = collect.load_manifest(rd / "manifest.json")
     assert [r["status"] for r in manifest] == ["ok", "ok"]
-    pids = {json.loads((batch.Path(r["run_dir"]) / "results" / "r.json").read_text())["runner_pid"]
+    pids = {json.loads((execute.Path(r["run_dir"]) / "results" / "r.json").read_text())["runner_pid"]
             for r in manifest}
     assert len(pids) == 2 and os.getpid() not in pids
     assert [r["results_dir"] if False else r["params"]["seed"] for r in manifest] == [0, 1]
     # a dry run only lists the (finished) runs
     assert main(["run", str(nbdir / "ok.ipynb"), "--seeds", "0", "--dry-run", "--runs-dir", str(rd)]) == 0
     assert "ok-default-" in capsys.readouterr().out
-    cmd = batch.papermill_command(manifest[0], repo_root=tmp_path)
+    cmd = collect.papermill_command(manifest[0], repo_root=tmp_path)
     assert cmd.startswith("OMP_NUM_THREADS=1 ") and " papermill notebooks/ok.ipynb runs/ok/" in cmd
     assert '"seed": 0' in cmd
 
@@ -182,26 +183,26 @@ def test_jobs_run_in_separate_processes_and_the_cli_writes_a_manifest(nbdir, tmp
 def test_grid_file_validation(tmp_path):
     grid = tmp_path / "grid.yaml"
     grid.write_text("notebooks: all\nparams: [default, smoke]\nseeds: [0, 1]\n")
-    assert batch.load_grid(grid) == [{"notebooks": "all", "params": ["default", "smoke"], "categories": [None],
+    assert plan.load_grid(grid) == [{"notebooks": "all", "params": ["default", "smoke"], "categories": [None],
                                        "seeds": [0, 1]}]
     grid.write_text("notebook: all\n")
     with pytest.raises(ParameterError, match=r"unknown key\(s\) \['notebook'\]"):
-        batch.load_grid(grid)
+        plan.load_grid(grid)
     grid.write_text("seeds: [zero]\n")
     with pytest.raises(ParameterError, match="seeds must be integers"):
-        batch.load_grid(grid)
+        plan.load_grid(grid)
     # several grids add up; each is checked, and 'grids' must stand alone
     grid.write_text("grids:\n- params: [a]\n- params: [b]\n  seeds: [1, 2]\n")
-    assert [g["params"] for g in batch.load_grid(grid)] == [["a"], ["b"]]
-    assert batch.load_grid(grid)[1]["seeds"] == [1, 2] and batch.load_grid(grid)[0]["seeds"] == [None]
+    assert [g["params"] for g in plan.load_grid(grid)] == [["a"], ["b"]]
+    assert plan.load_grid(grid)[1]["seeds"] == [1, 2] and plan.load_grid(grid)[0]["seeds"] == [None]
     grid.write_text("grids:\n- params: [a]\n- seeds: [x]\n")
     with pytest.raises(ParameterError, match=r"grid 2.*seeds must be integers"):
-        batch.load_grid(grid)
+        plan.load_grid(grid)
     grid.write_text("grids: [{params: [a]}]\nseeds: [1]\n")
     with pytest.raises(ParameterError, match="'grids' must be a non-empty list of grids and the only key"):
-        batch.load_grid(grid)
+        plan.load_grid(grid)
     with pytest.raises(ValueError, match="not found"):
-        batch.resolve_notebooks(["nope"], tmp_path)
+        plan.resolve_notebooks(["nope"], tmp_path)
 
 
 def test_results_are_collected_from_the_manifest(tmp_path):
@@ -212,9 +213,9 @@ def test_results_are_collected_from_the_manifest(tmp_path):
             {"model": "m", "category": cat, "image_auroc": v, "pixel_auroc": v, "aupro": None}))
     runs = [{"key": "k", "name": "m", "status": "ok", "run_dir": str(run_dir)},
             {"key": "f", "name": "f", "status": "failed", "run_dir": str(tmp_path / "nowhere")}]
-    results = batch.collect_results(runs)
+    results = collect.collect_results(runs)
     assert [r["category"] for r in results] == ["a", "b"] and results[0]["run_key"] == "k"
-    table = batch.results_table(results)
+    table = collect.results_table(results)
     assert table.loc[("m", "mean"), "image_auroc"] == pytest.approx(0.6)
     assert table.loc[("m", "a"), "aupro"] != table.loc[("m", "a"), "aupro"]  # NaN
 
@@ -235,17 +236,17 @@ def test_interrupting_a_batch_keeps_finished_runs(tmp_path):
                              str(rd), "--no-progress"], env={**os.environ, "TEST_SLEEP": "300"},
                             start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    runs = batch.plan_runs([nb], seeds=[0, 1], runs_dir=rd)
+    runs = plan.plan_runs([nb], seeds=[0, 1], runs_dir=rd)
     deadline = time.time() + 120
-    while time.time() < deadline and (batch._read_status(runs[1]) or {}).get("status") != "running":
+    while time.time() < deadline and (execute._read_status(runs[1]) or {}).get("status") != "running":
         time.sleep(0.3)
     time.sleep(3)  # let the kernel start the sleeping cell
     os.killpg(proc.pid, signal.SIGINT)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 130, out[-2000:]
     assert "finished runs are kept" in out
-    assert batch._read_status(runs[0])["status"] == "ok" and batch._read_status(runs[1])["status"] == "interrupted"
-    assert [s["status"] for s in batch.execute_runs(runs, progress=False)] == ["skipped", "ok"]
+    assert execute._read_status(runs[0])["status"] == "ok" and execute._read_status(runs[1])["status"] == "interrupted"
+    assert [s["status"] for s in execute.execute_runs(runs, progress=False)] == ["skipped", "ok"]
 
 
 def test_staging_fits_the_toc_and_repository_links_to_what_the_book_holds(tmp_path):
@@ -305,21 +306,21 @@ def test_a_killed_runner_leaves_no_process_and_its_run_reads_interrupted(tmp_pat
     proc = subprocess.Popen([sys.executable, "-m", "adcore", "run", str(nb), "--seeds", "0", "1", "--jobs", str(jobs),
                              "--runs-dir", str(rd), "--no-progress"], env={**os.environ, "TEST_SLEEP": "300"},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    run = batch.plan_runs([nb], seeds=[0], runs_dir=rd)[0]
-    pids_file = batch.Path(run.run_dir) / "pids.json"
+    run = plan.plan_runs([nb], seeds=[0], runs_dir=rd)[0]
+    pids_file = execute.Path(run.run_dir) / "pids.json"
     _wait_for(lambda: pids_file.is_file() and pids_file.read_text().endswith("}"), what="the kernel to start")
     pids = json.loads(pids_file.read_text())
-    assert batch._read_status(run)["status"] == "running" and batch.run_status(run)["status"] == "running"
+    assert execute._read_status(run)["status"] == "running" and execute.run_status(run)["status"] == "running"
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     _wait_for(lambda: not _alive(pids["kernel"]) and not _alive(pids["parent"]), timeout=30,
               what="the orphaned kernel and papermill to exit")
-    st = batch.run_status(run)
+    st = execute.run_status(run)
     assert st["status"] == "interrupted" and f":{proc.pid} is gone" in st["interrupted"]
-    assert json.loads((batch.Path(run.run_dir) / batch.STATUS).read_text())["status"] == "interrupted"
+    assert json.loads((execute.Path(run.run_dir) / execute.STATUS).read_text())["status"] == "interrupted"
     os.environ["TEST_SLEEP"] = "0"
     try:
-        assert batch.execute_runs([run], progress=False)[0]["status"] == "ok"  # no waiting for a lease to expire
+        assert execute.execute_runs([run], progress=False)[0]["status"] == "ok"  # no waiting for a lease to expire
     finally:
         del os.environ["TEST_SLEEP"]
 
@@ -344,9 +345,9 @@ def test_two_runners_on_one_runs_dir_never_run_a_key_twice(tmp_path):
     events = [line.split() for line in log.read_text().splitlines()]
     starts = sorted(int(seed) for seed, what, _ in events if what == "start")
     assert starts == [0, 1, 2, 3], events  # each key executed exactly once
-    runs = batch.plan_runs([nb], seeds=[0, 1, 2, 3], runs_dir=rd)
-    assert all(batch._read_status(r)["status"] == "ok" for r in runs)
-    assert not any((batch.Path(r.run_dir) / ".lock").exists() for r in runs)
+    runs = plan.plan_runs([nb], seeds=[0, 1, 2, 3], runs_dir=rd)
+    assert all(execute._read_status(r)["status"] == "ok" for r in runs)
+    assert not any((execute.Path(r.run_dir) / ".lock").exists() for r in runs)
     # each runner says ok for the runs it did and skipped for the others'
     done_by = [{line.split()[-1] for line in out.splitlines() if line.strip().startswith("ok ")} for out in outs]
     assert done_by[0] | done_by[1] == {r.key for r in runs} and not done_by[0] & done_by[1], outs
@@ -364,30 +365,30 @@ def test_threads_per_run_do_not_depend_on_jobs(nbdir, tmp_path):
         rd = tmp_path / f"runs{jobs}"
         assert main(["run", str(nb), "--seeds", "0", "1", "--jobs", str(jobs), "--runs-dir", str(rd),
                      "--no-progress"]) == 0
-        manifest = batch.load_manifest(rd / "manifest.json")
-        seen[jobs] = [json.loads((batch.Path(r["run_dir"]) / "results" / "r.json").read_text()) for r in manifest]
+        manifest = collect.load_manifest(rd / "manifest.json")
+        seen[jobs] = [json.loads((execute.Path(r["run_dir"]) / "results" / "r.json").read_text()) for r in manifest]
         assert [r["threads"] for r in manifest] == [1, 1]
     assert seen[1] == seen[2] == [{"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "ADCORE_THREADS": "1"}] * 2
-    runs = batch.plan_runs([nb], seeds=[0], runs_dir=tmp_path / "runs1", threads=3)
-    assert not batch.is_done(runs[0])
-    assert batch.execute_runs(runs, progress=False)[0]["threads"] == 3
+    runs = plan.plan_runs([nb], seeds=[0], runs_dir=tmp_path / "runs1", threads=3)
+    assert not execute.is_done(runs[0])
+    assert execute.execute_runs(runs, progress=False)[0]["threads"] == 3
     assert result_of(runs[0])["OMP_NUM_THREADS"] == "3"
     with pytest.raises(ValueError, match="threads must be a positive int"):
-        batch.plan_runs([nb], threads=0, runs_dir=tmp_path / "runs1")
+        plan.plan_runs([nb], threads=0, runs_dir=tmp_path / "runs1")
 
 
 def test_reproduce_command_plans_the_same_run(nbdir, tmp_path):
     nb = nbdir / "ok.ipynb"
-    grid = batch.plan_runs([nb], ["five", {"x": 7}], ["a", ["a", "b"]], [2], runs_dir=tmp_path / "runs",
+    grid = plan.plan_runs([nb], ["five", {"x": 7}], ["a", ["a", "b"]], [2], runs_dir=tmp_path / "runs",
                            check_data=False)
     for run in grid:
-        row = {**batch.asdict(run), "status": "ok"}
-        cmd = batch.reproduce_command(row, repo_root=tmp_path)
+        row = {**execute.asdict(run), "status": "ok"}
+        cmd = collect.reproduce_command(row, repo_root=tmp_path)
         assert cmd.startswith("python -m adcore run notebooks/ok.ipynb --params ") and "--threads 1" in cmd
-        args = batch.shlex.split(cmd)[4:]
+        args = collect.shlex.split(cmd)[4:]
         from adcore.__main__ import _parser
         parsed = _parser().parse_args(["run", *args])
-        again = batch.plan_runs([tmp_path / parsed.notebooks[0]], parsed.params, parsed.categories or [None],
+        again = plan.plan_runs([tmp_path / parsed.notebooks[0]], parsed.params, parsed.categories or [None],
                                 parsed.seeds or [None], runs_dir=tmp_path / "runs", check_data=False)
         drop = lambda params: {k: v for k, v in params.items() if k != "results_dir"}  # noqa: E731
         assert len(again) == 1 and drop(again[0].params) == drop(run.params)
@@ -400,19 +401,19 @@ def test_a_lock_from_another_host_holds_until_its_lease_expires(nbdir, tmp_path)
     over once the file is older than the lease."""
     import time
 
-    run = batch.plan_runs([nbdir / "ok.ipynb"], runs_dir=tmp_path / "runs")[0]
-    run_dir = batch.Path(run.run_dir)
+    run = plan.plan_runs([nbdir / "ok.ipynb"], runs_dir=tmp_path / "runs")[0]
+    run_dir = execute.Path(run.run_dir)
     run_dir.mkdir(parents=True)
-    (run_dir / batch.STATUS).write_text(json.dumps({**batch.asdict(run), "status": "running"}))
+    (run_dir / execute.STATUS).write_text(json.dumps({**execute.asdict(run), "status": "running"}))
     lock = run_dir / ".lock"
     lock.write_text(json.dumps({"host": "elsewhere", "pid": 1, "pid_started": 0.0, "token": "t"}))
-    assert batch.run_status(run)["status"] == "running"
-    busy = batch.execute_run(run)
+    assert execute.run_status(run)["status"] == "running"
+    busy = execute.execute_run(run)
     assert busy["status"] == "busy" and busy["holder"] == "elsewhere:1" and lock.exists()
-    old = time.time() - batch.runlock.LEASE_S - 5
+    old = time.time() - execute.runlock.LEASE_S - 5
     os.utime(lock, (old, old))
-    assert batch.run_status(run)["status"] == "interrupted"
-    assert batch.execute_run(run)["status"] == "ok" and not lock.exists()
+    assert execute.run_status(run)["status"] == "interrupted"
+    assert execute.execute_run(run)["status"] == "ok" and not lock.exists()
 
 
 def test_compare_checks_every_digit_of_the_shared_results_files(tmp_path, capsys):

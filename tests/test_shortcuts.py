@@ -1,7 +1,7 @@
-"""adcore.shortcuts: each paper's test-set shortcut computed from results dicts, beside the honest number."""
+"""adcore.book.shortcuts: each paper's test-set shortcut computed from results dicts, beside the honest number."""
 import pytest
 
-from adcore import shortcuts
+from adcore.book import shortcuts
 
 
 def result(model, category="brick", **kw):

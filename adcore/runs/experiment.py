@@ -10,12 +10,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .data import list_categories, load_dataset
-from .evaluation import evaluate, image_scores
-from .recipes import recipes_of
-from .registry import create_model, get_recipe, model_class
-from .training import finished_copy, fit
-from .utils import atomic_write_bytes, params_hash, seed_everything
+from ..data import list_categories, load_dataset
+from ..evaluation import evaluate, image_scores
+from ..recipes import recipes_of
+from ..registry import create_model, get_recipe, model_class
+from ..training import finished_copy, fit
+from ..utils import atomic_write_bytes, params_hash, seed_everything
 
 METRICS = ("image_auroc", "pixel_auroc", "aupro")
 
@@ -78,7 +78,7 @@ def run_experiment(model_name: str, *, model_params: dict | None = None, dataset
 
     ``test_curve_every=k`` also scores the test split after every k-th epoch of the last training stage and stores the
     metrics as ``test_curve`` in the results. It is a *measurement* of what the papers' test-set checkpoint choices
-    would have reported (``adcore.shortcuts``); nothing is chosen from it, and training is bit-identical with or
+    would have reported (``adcore.book.shortcuts``); nothing is chosen from it, and training is bit-identical with or
     without it (``fit`` restores the random state after each call). The curve is kept beside the checkpoint, so a
     resumed run keeps the epochs scored before the interruption.
     """

@@ -89,7 +89,7 @@ def validate_parameters(defaults: dict, overrides: dict, source: str = "paramete
 def check_parameters(namespace: dict) -> dict:
     """Validate the parameters papermill injected into this kernel; return the final parameter values.
 
-    Call it as ``params = adcore.notebook.check_parameters(globals())`` in the cell right after the ``parameters``
+    Call it as ``params = adcore.runs.params.check_parameters(globals())`` in the cell right after the ``parameters``
     cell. Without papermill (an interactive session) it returns the defaults as they stand in ``namespace``.
     """
     history = [s for s in namespace.get("In", []) if s and s.strip()]

@@ -1,7 +1,7 @@
 """Runs as tasks on a Dask cluster: a running scheduler (``--scheduler tcp://HOST:PORT``) or one that dask-jobqueue
 starts on SLURM, PBS, SGE or LSF (``--cluster slurm``).
 
-Each run is one task that executes :func:`adcore.batch.execute_run` on a worker, so the guarantees are the local
+Each run is one task that executes :func:`adcore.runs.execute.execute_run` on a worker, so the guarantees are the local
 ones: the run's lock, its ``status.json``, resume from its checkpoints. Dask adds where and when:
 
 * a worker that dies holding a run (killed, its node lost) is noticed by the scheduler, which gives the task to
@@ -20,8 +20,9 @@ from pathlib import Path
 
 import yaml
 
-from .batch import Run, check_runs_dir, execute_run, mark_runs_dir
-from .notebook import ParameterError
+from .execute import check_runs_dir, execute_run, mark_runs_dir
+from .plan import Run
+from .params import ParameterError
 
 CLUSTERS = ("slurm", "pbs", "sge", "lsf")
 # The directive that asks the batch scheduler for GPUs, per scheduler. Sites differ (partitions, GPU types): a

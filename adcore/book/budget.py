@@ -12,7 +12,7 @@ import re
 
 import pandas as pd
 
-from .batch import collect_results
+from ..runs.collect import collect_results
 
 METRICS = ("image_auroc", "pixel_auroc", "aupro")
 #: The parameters that hold each notebook's training epochs: the ones a budget multiplies.
@@ -37,7 +37,7 @@ def _epochs_text(num_epochs) -> str:
 def paper_epochs(method: str) -> str:
     """The epochs of the model's ``paper`` recipe (:mod:`adcore.recipes`, with its source), per stage; "—" for a
     name without one. The notebooks are named after their models."""
-    from .registry import get_recipe
+    from ..registry import get_recipe
 
     try:
         return _epochs_text(get_recipe(method, "paper").num_epochs)

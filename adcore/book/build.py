@@ -1,4 +1,4 @@
-"""The Jupyter Book: run the grid (:mod:`adcore.batch`), execute the book's own chapters over the runs' results,
+"""The Jupyter Book: run the grid (:mod:`adcore.runs`), execute the book's own chapters over the runs' results,
 stage everything with the vendored widget JavaScript, and call ``jupyter-book build -W``."""
 from __future__ import annotations
 
@@ -13,12 +13,12 @@ from pathlib import Path
 
 import yaml
 
-from .batch import (BUDGET_GRID, DEFAULT_GRID, NOTEBOOKS_DIR, Run, _sha, execute_runs, is_done, load_grid, plan_grids,
-                    run_status, write_manifest)
-from .data.textures import default_cache_dir
-from .notebook import parse_parameters
+from ..data.textures import default_cache_dir
+from ..runs.execute import execute_runs, is_done, run_status, write_manifest
+from ..runs.params import parse_parameters
+from ..runs.plan import BUDGET_GRID, DEFAULT_GRID, NOTEBOOKS_DIR, Run, _sha, load_grid, plan_grids
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 BOOK_DIR = Path("book")
 BOOK_CHAPTERS = ("data", "comparison", "budget", "shortcuts", "kernels", "reproducibility")
 
@@ -144,7 +144,7 @@ def build_book(*, grid=None, budget_grid=BUDGET_GRID, smoke: bool = False, noteb
             (``python -m adcore run --grid <it>`` does that); the chapter shows the finished ones and lists the rest.
         smoke: every notebook with its ``smoke`` parameter file instead (the CI-sized book).
         notebooks: restrict to these notebooks.
-        jobs, executor, threads: how the paper notebooks run (see :func:`adcore.batch.execute_runs`); the chapters
+        jobs, executor, threads: how the paper notebooks run (see :func:`adcore.runs.execute.execute_runs`); the chapters
             always run here, one at a time.
         runs_dir: where runs live (finished ones are reused).
         book_dir: the book's sources (``_config.yml``, ``_toc.yml``, ``intro.md``, ``chapters/*.ipynb``).
