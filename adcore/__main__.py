@@ -5,8 +5,11 @@ Examples::
     python -m adcore run                                   # every notebook, parameters-cell defaults
     python -m adcore run vt_adl aand --params smoke        # two notebooks with notebooks/params/<nb>/smoke.yaml
     python -m adcore run --grid notebooks/params/grid.yaml --jobs 2
-    python -m adcore run dmad --params paper --categories bottle cable --seeds 0 1 2
+    python -m adcore run dmad --params paper --data-root /data/mvtec --categories bottle cable --seeds 0 1 2
+    python -m adcore run --params paper+my.yaml --data-root /data/mvtec --set num_epochs=50 dmad.batch_size=16
+    python -m adcore run aand --params paper --set dataset=/data/my-parts --dry-run   # a folder in MVTec's layout
     python -m adcore book                                  # the default grid, then the HTML (make book)
+    python -m adcore book --params paper --data-root /data/mvtec   # the book of exactly those runs
     python -m adcore book --smoke                          # the CI-sized book
     python -m adcore run --smoke --scheduler tcp://10.0.0.5:8786           # on a running Dask cluster
     python -m adcore run dmad --params paper --cluster slurm --cluster-config cluster.yaml   # via dask-jobqueue
@@ -48,21 +51,35 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--timeout", type=float, default=None, help="per-cell timeout in seconds (default: none)")
     common.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    r = sub.add_parser("run", parents=[common], help="run notebooks over a grid of parameters with papermill")
-    r.add_argument("notebooks", nargs="*", help="notebook names (vt_adl) or paths; default: all in notebooks/")
-    r.add_argument("--grid", help="a grid YAML (notebooks, params, categories, seeds); flags below override it")
-    r.add_argument("--params", nargs="+", help="parameter files: names under notebooks/params/<nb>/ (smoke, "
-                   "paper), paths to YAML files, inline YAML ('{num_epochs: 3}'), or 'default' (the notebook's own "
-                   "values)")
-    r.add_argument("--smoke", action="store_true", help="shorthand for --params smoke")
-    r.add_argument("--categories", nargs="+", help="run each of these categories separately")
-    r.add_argument("--seeds", nargs="+", type=int, help="run each of these seeds")
+    select = argparse.ArgumentParser(add_help=False)
+    sel = select.add_argument_group(
+        "which runs (the same for run and book)",
+        "Parameters layer in a fixed order: the notebook's parameters cell, then each --params entry's files in "
+        "order, then --set (and --data-root), then --categories and --seeds. Each --params entry is one run; "
+        "'paper+my-mvtec.yaml' stacks two files into one. To shorten every notebook at once: --set num_epochs=1 "
+        "amplify_epochs=1 distill_epochs=1 (AAND names its two stages' epochs apart; a schedule follows its epochs "
+        "unless set itself).")
+    sel.add_argument("notebooks", nargs="*", help="notebook names (vt_adl) or paths; default: all in notebooks/")
+    sel.add_argument("--grid", help="a grid YAML (notebooks, params, categories, seeds); flags below override it")
+    sel.add_argument("--params", nargs="+", help="parameter entries, one run each: names under notebooks/params/<nb>/ "
+                     "(smoke, paper), paths to YAML files, inline YAML ('{num_epochs: 3}'), 'default' (the notebook's "
+                     "own values), or layers joined by + (paper+my-mvtec.yaml)")
+    sel.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="set a parameter (a YAML value) in "
+                     "every selected notebook that has KEY, after the parameter files; NOTEBOOK.KEY=VALUE sets it in "
+                     "one notebook only; a KEY no selected notebook has is an error")
+    sel.add_argument("--data-root", metavar="DIR", help="shorthand for --set data_root=DIR: the folder holding the "
+                     "dataset's categories (MVTec AD, BTAD, VisA); a folder of your own in MVTec AD's layout is "
+                     "--set dataset=DIR")
+    sel.add_argument("--smoke", action="store_true", help="shorthand for --params smoke (the CI-sized runs)")
+    sel.add_argument("--categories", nargs="+", help="run each of these categories separately")
+    sel.add_argument("--seeds", nargs="+", type=int, help="run each of these seeds")
+
+    r = sub.add_parser("run", parents=[common, select], help="run notebooks over a grid of parameters with papermill",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     r.add_argument("--dry-run", action="store_true", help="validate and list the runs, execute nothing")
 
-    b = sub.add_parser("book", parents=[common], help="run the grid and build the Jupyter Book (make book)")
-    b.add_argument("notebooks", nargs="*", help="restrict the book to these notebooks")
-    b.add_argument("--grid", help="grid YAML (default: notebooks/params/grid.yaml)")
-    b.add_argument("--smoke", action="store_true", help="every notebook with its smoke parameters (CI)")
+    b = sub.add_parser("book", parents=[common, select], help="run the selected runs (by default the book's grid, "
+                       "notebooks/params/grid.yaml) and build the Jupyter Book from exactly those (make book)")
     b.add_argument("--out", default=None, help="output folder; the HTML lands in OUT/_build/html (default: book)")
     b.add_argument("--no-run", action="store_true", help="reuse finished runs only; fail if one is missing")
     b.add_argument("--no-build", action="store_true", help="stage the sources but do not call jupyter-book")
@@ -98,20 +115,31 @@ def _executor(args, dry_run: bool = False):
     return DaskExecutor(scheduler=args.scheduler, cluster=cluster)
 
 
-def _run(args) -> int:
-    from .runs.execute import execute_runs, run_status, summarize, write_manifest
-    from .runs.plan import load_grid, plan_grids
+def _selection(args, default_grid=None) -> tuple[list[dict], list, bool]:
+    """The grids, ``--set`` values and whether the user chose anything, from the selection flags of run and book."""
+    from .runs.plan import load_grid, parse_sets
 
-    # without --grid, `run` means the notebooks' own defaults (the book's grid is for `book`); flags override every
-    # grid of the file
-    grids = load_grid(args.grid) if args.grid else [{"notebooks": "all", "params": ["default"],
-                                                     "categories": [None], "seeds": [None]}]
+    grid_file = args.grid or default_grid
+    grids = load_grid(grid_file) if grid_file else [{"notebooks": "all", "params": ["default"], "categories": [None],
+                                                     "seeds": [None]}]
     flags = {"notebooks": args.notebooks, "params": ["smoke"] if args.smoke else None, "categories": args.categories,
              "seeds": args.seeds}
     if args.params:
         flags["params"] = args.params
     grids = [{**g, **{k: v for k, v in flags.items() if v}} for g in grids]
-    runs = plan_grids(grids, runs_dir=args.runs_dir, threads=args.threads)
+    sets = parse_sets([*args.set, *([f"data_root={args.data_root}"] if args.data_root else [])])
+    chosen = bool(args.grid or sets or any(flags.values()))
+    return grids, sets, chosen
+
+
+def _run(args) -> int:
+    from .runs.execute import execute_runs, run_status, summarize, write_manifest
+    from .runs.plan import plan_grids
+
+    # without --grid, `run` means the notebooks' own defaults (the book's grid is for `book`); flags override every
+    # grid of the file
+    grids, sets, _ = _selection(args)
+    runs = plan_grids(grids, runs_dir=args.runs_dir, threads=args.threads, sets=sets)
     print(f"{len(runs)} run(s):")
     for run in runs:
         state = (run_status(run) or {}).get("status", "new") if args.dry_run else ""
@@ -132,13 +160,16 @@ def _run(args) -> int:
 
 
 def _book(args) -> int:
-    from .runs.execute import summarize
     from .book.build import build_book
+    from .runs.execute import summarize
+    from .runs.plan import BUDGET_GRID, DEFAULT_GRID
 
     t0 = time.time()
+    grids, sets, chosen = _selection(args, DEFAULT_GRID if DEFAULT_GRID.is_file() else None)
     executor = _executor(args) if not args.no_run else None
     try:
-        out = build_book(grid=args.grid, smoke=args.smoke, notebooks=args.notebooks or None, jobs=args.jobs,
+        # the budget chapter's grid belongs to the default book; a book of chosen runs shows exactly those
+        out = build_book(grids=grids, sets=sets, budget_grid=None if chosen else BUDGET_GRID, jobs=args.jobs,
                          executor=executor, threads=args.threads, force=args.force, runs_dir=args.runs_dir,
                          out_dir=args.out, timeout=args.timeout, run=not args.no_run, build=not args.no_build,
                          progress=not args.no_progress)

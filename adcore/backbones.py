@@ -231,6 +231,28 @@ def load_wide_resnet50_2_state(weights_path=None) -> tuple[dict, Path]:
     return state, path
 
 
+def weights_file(name: str, weights_path=None) -> Path:
+    """The weights file ``create_backbone(name, weights_path=weights_path)`` would load, found without building the
+    model: the batch runner checks and hashes it when it plans a run. WideResNet-50-2 that is in neither place is
+    downloaded into the torch hub cache now (online machines), so a job never starts without it.
+
+    Raises:
+        BackboneWeightsMissing: the file is not on disk and cannot be downloaded.
+        ValueError: an unknown backbone name.
+    """
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; choose from {list(BACKBONES)}")
+    if name == "efficientnet_lite0":
+        return _efficientnet_lite0_file(weights_path)
+    if weights_path is not None:
+        if not Path(weights_path).is_file():
+            raise BackboneWeightsMissing(f"{name} weights file {str(weights_path)!r} does not exist")
+        return Path(weights_path)
+    if not wide_resnet50_2_cache_file().is_file():
+        load_wide_resnet50_2_state(None)  # downloads, or raises saying where to put the file
+    return wide_resnet50_2_cache_file()
+
+
 def _wide_resnet50_2(pretrained: bool, weights_path, out_indices) -> FeatureBackbone:
     import torchvision
 

@@ -112,10 +112,11 @@ def extra_seeds(results: list[dict], planned: list[dict]) -> list[dict]:
     """The default-budget results (×1) among the budget grid's finished runs at seeds the book's own results lack,
     labelled like the book's runs of the same notebook, for the comparison's mean and spread over seeds."""
     have = {(r["notebook"], r.get("seed")) for r in results}
-    label = {r["notebook"]: r["method"] for r in results}
+    label = {r["notebook"]: (r["method"], r.get("params_name")) for r in results}
     at_one = [r for r in planned if multiple(r.get("params_name")) == 1 and r.get("status") in ("ok", "skipped")]
     out = []
     for res in collect_results(at_one):
         if res["notebook"] in label and (res["notebook"], res.get("seed")) not in have:
-            out.append({**res, "method": label[res["notebook"]]})
+            method, params_name = label[res["notebook"]]
+            out.append({**res, "method": method, "params_name": params_name})
     return out

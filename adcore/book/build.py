@@ -132,14 +132,18 @@ def _finished_status(run: Run, log, stale_note: str) -> dict:
     return {**asdict(run), **st, "status": "skipped" if ok else "missing", "stale": stale}
 
 
-def build_book(*, grid=None, budget_grid=BUDGET_GRID, smoke: bool = False, notebooks=None, jobs: int = 1,
-               executor=None, threads: int = 1, force: bool = False, runs_dir="runs", book_dir=BOOK_DIR, out_dir=None, timeout: float | None = None,
+def build_book(*, grid=None, grids=None, sets=(), budget_grid=BUDGET_GRID, smoke: bool = False, notebooks=None,
+               jobs: int = 1, executor=None, threads: int = 1, force: bool = False, runs_dir="runs",
+               book_dir=BOOK_DIR, out_dir=None, timeout: float | None = None,
                run: bool = True, build: bool = True, chapters=BOOK_CHAPTERS, progress: bool = True,
                log=print) -> dict:
     """Run the grid, execute the book's chapters over its results, and build the HTML with Jupyter Book.
 
     Args:
         grid: grid file (default ``notebooks/params/grid.yaml``, else every notebook with its defaults).
+        grids: grids already read (``python -m adcore book``'s selection flags); they replace ``grid``, ``smoke``
+            and ``notebooks``.
+        sets: ``--set`` values (:func:`adcore.runs.plan.parse_sets`), applied to every run.
         budget_grid: the budget chapter's grid file (``None``: no budget runs). Its runs are never executed here
             (``python -m adcore run --grid <it>`` does that); the chapter shows the finished ones and lists the rest.
         smoke: every notebook with its ``smoke`` parameter file instead (the CI-sized book).
@@ -161,14 +165,16 @@ def build_book(*, grid=None, budget_grid=BUDGET_GRID, smoke: bool = False, noteb
     out_dir = Path(out_dir or book_dir)
     stage = out_dir / "_build" / "src"
     nb_dir = Path(notebooks[0]).parent if notebooks and str(notebooks[0]).endswith(".ipynb") else NOTEBOOKS_DIR
-    if smoke:
+    if grids is not None:
+        pass
+    elif smoke:
         grids = [{"notebooks": notebooks or "all", "params": ["smoke"], "categories": [None], "seeds": [None]}]
     elif grid is not None or DEFAULT_GRID.is_file():
         grids = load_grid(grid or DEFAULT_GRID)
         grids = [{**g, "notebooks": notebooks} if notebooks else g for g in grids]
     else:
         grids = [{"notebooks": notebooks or "all", "params": ["default"], "categories": [None], "seeds": [None]}]
-    runs = plan_grids(grids, runs_dir=runs_dir, notebooks_dir=nb_dir, threads=threads)
+    runs = plan_grids(grids, runs_dir=runs_dir, notebooks_dir=nb_dir, threads=threads, sets=sets)
     budget_runs = []
     if budget_grid is not None and Path(budget_grid).is_file():  # never run here: listed, and shown where finished
         budget_grids = load_grid(budget_grid)

@@ -1,0 +1,133 @@
+"""A user's whole path on a dataset of their own, as the README prints it: the papers' settings pointed at a folder
+in MVTec AD's layout from the command line, every notebook shortened to one epoch per stage, then the book of
+exactly those runs, whose comparison page holds one table, categories down and methods across."""
+import json
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from adcore.__main__ import main
+from adcore.runs import collect, plan
+
+REPO = Path(__file__).resolve().parent.parent
+CATEGORIES = ("bottle", "carpet")
+# One epoch per stage, a small size, CPU: the shortest run of every paper config (ADViT and VT-ADL then see 1 patch of
+# 64 px, AnoViT 16 of 16 px).
+SHORT = ["image_size=64", "num_epochs=1", "amplify_epochs=1", "distill_epochs=1", "batch_size=4", "device=cpu",
+         "num_threads=1"]
+
+
+def _user_args(fake_mvtec, weights):
+    return ["--params", "paper", "--set", *SHORT, f"weights_path={weights}", "--data-root", str(fake_mvtec),
+            "--categories", *CATEGORIES]
+
+
+@pytest.fixture(scope="module")
+def user_book(fake_mvtec_tree, fake_wrn_weights, tmp_path_factory):
+    """1. ``run`` with the user's flags; 2. ``book`` with the same flags over those runs (it runs none again)."""
+    tmp = tmp_path_factory.mktemp("user")
+    runs_dir = tmp / "runs"
+    args = _user_args(fake_mvtec_tree, fake_wrn_weights)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(REPO)
+        assert main(["run", *args, "--runs-dir", str(runs_dir), "--jobs", "2", "--no-progress"]) == 0
+        assert main(["book", *args, "--runs-dir", str(runs_dir), "--out", str(tmp / "book"), "--no-progress",
+                     "--no-run"]) == 0
+    return tmp
+
+
+@pytest.mark.notebook
+def test_papers_settings_on_a_users_mvtec_folder_make_one_table(user_book):
+    html = (user_book / "book" / "_build" / "html" / "chapters" / "comparison.html").read_text()
+    assert "mvtec, parameters <code" in html and "2 of 15 categories" in html
+    tables = re.findall(r"<table.*?</table>", html, re.S)
+    main_tables = [t for t in tables if "I-AUROC" in t]
+    assert len(main_tables) == 1  # one (dataset, parameter set): one table, whatever the number of runs
+    table = main_tables[0]
+    for row in (*CATEGORIES, "mean", "textures mean", "objects mean"):
+        assert re.search(rf">\s*{row}\s*<", table), row
+    for method in ("vt_adl", "advit", "anovit", "dmad", "aand", "knn", "center_prior"):
+        assert table.count(f">{method}<") == 1, method  # one column group per method, not one per run
+    assert "(paper)" in table  # VT-ADL's per-category numbers beside ours
+
+
+@pytest.mark.notebook
+def test_the_appendix_reproduces_each_run_with_the_users_folder(user_book, fake_mvtec_tree, capsys):
+    manifest = collect.load_manifest(user_book / "runs" / "manifest.json")
+    assert len(manifest) == 12 and all(r["status"] in ("ok", "skipped") for r in manifest)
+    for run in manifest:
+        cmd = collect.reproduce_command(run, repo_root=REPO)
+        assert f"data_root={fake_mvtec_tree}" in cmd
+        with pytest.MonkeyPatch.context() as mp:
+            mp.chdir(REPO)
+            assert main([*shlex.split(cmd)[3:], "--dry-run"]) == 0
+        assert f"  {run['key']}  " in capsys.readouterr().out  # the command plans the very same run
+    dmad = [r for r in collect.collect_results(manifest) if r["notebook"] == "dmad"]
+    assert dmad and all(r.get("pixel_from") == "dmad-px" for r in dmad)  # pixel columns from DMAD's pixel model
+    sizes = {r["method"]: r.get("image_size") for r in collect.collect_results(manifest)}
+    assert set(sizes.values()) == {64}, sizes
+
+
+def test_a_users_folder_of_their_own_plans_with_set_dataset(fake_mvtec_tree, fake_wrn_weights, tmp_path, capsys,
+                                                            monkeypatch):
+    monkeypatch.chdir(REPO)
+    category = fake_mvtec_tree / CATEGORIES[0]
+    assert main(["run", "--params", "paper", "--set", *SHORT, f"weights_path={fake_wrn_weights}",
+                 f"dataset={fake_mvtec_tree}", "--runs-dir", str(tmp_path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert f"'dataset': '{fake_mvtec_tree}'" in out and category.is_dir()
+    assert re.search(r"^6 run\(s\):", out, re.M)
+
+
+def test_a_paper_config_without_data_root_names_the_flag(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    assert main(["run", "dmad", "--params", "paper", "--runs-dir", str(tmp_path), "--dry-run"]) == 2
+    assert "--data-root" in capsys.readouterr().err
+
+
+def test_missing_backbone_weights_stop_the_plan(fake_mvtec_tree, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    assert main(["run", "aand", "--params", "paper", "--data-root", str(fake_mvtec_tree), "--set",
+                 f"weights_path={tmp_path / 'nope.pth'}", "--runs-dir", str(tmp_path), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "nope.pth" in err and "does not exist" in err
+
+
+def test_set_layers_over_parameter_files_and_a_stray_key_is_an_error(fake_mvtec_tree, fake_wrn_weights, tmp_path,
+                                                                     monkeypatch):
+    monkeypatch.chdir(REPO)
+    mine = tmp_path / "my-mvtec.yaml"
+    mine.write_text(f"data_root: {fake_mvtec_tree}\nbatch_size: 2\n")
+    nbs = plan.resolve_notebooks(["dmad", "aand"])
+    sets = plan.parse_sets([f"weights_path={fake_wrn_weights}", "dmad.batch_size=3", "lr=1e-3"])
+    runs = plan.plan_runs(nbs, [f"paper+{mine}"], runs_dir=tmp_path, sets=sets)
+    by = {r.name: r for r in runs}
+    assert by["dmad"].params["batch_size"] == 3 and by["aand"].params["batch_size"] == 2  # --set after the files
+    assert by["dmad"].params["lr"] == by["aand"].params["lr"] == 1e-3  # YAML's 1e-3 (no dot) read as a number
+    assert by["dmad"].params["data_root"] == str(fake_mvtec_tree) and by["dmad"].params_name == "paper+my-mvtec"
+    assert by["dmad"].params["num_epochs"] == 400  # the paper file, under the user's file
+    # a list stays one run per entry; a key no selected notebook has is an error, as is a notebook not selected
+    assert len(plan.plan_runs(nbs, ["paper", "smoke"], runs_dir=tmp_path, sets=sets, check_data=False)) == 4
+    with pytest.raises(plan.ParameterError, match="no selected notebook has a parameter 'num_epoch'"):
+        plan.plan_runs(nbs, ["smoke"], runs_dir=tmp_path, sets=plan.parse_sets(["num_epoch=1"]))
+    with pytest.raises(plan.ParameterError, match="not selected"):
+        plan.plan_runs(nbs, ["smoke"], runs_dir=tmp_path, sets=plan.parse_sets(["vt_adl.num_epochs=1"]))
+
+
+def test_the_run_key_covers_every_layer_and_the_weights_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    nbs = plan.resolve_notebooks(["dmad"])
+    weights = tmp_path / "a.pth"
+    weights.write_bytes(b"weights")  # the plan only finds and hashes the file
+
+    def key(*sets, weights=weights):
+        return plan.plan_runs(nbs, ["smoke"], runs_dir=tmp_path, sets=plan.parse_sets(
+            [f"weights_path={weights}", "backbone=wide_resnet50_2", *sets]))[0].key
+
+    base = key()
+    assert key() == base and key("num_epochs=2") != base
+    other = tmp_path / "b.pth"
+    other.write_bytes(b"weightz")
+    assert key(weights=other) != base
