@@ -83,6 +83,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--out", default=None, help="output folder; the HTML lands in OUT/_build/html (default: book)")
     b.add_argument("--no-run", action="store_true", help="reuse finished runs only; fail if one is missing")
     b.add_argument("--no-build", action="store_true", help="stage the sources but do not call jupyter-book")
+    b.add_argument("--dry-run", action="store_true", help="validate and list the book's runs, execute nothing")
     c = sub.add_parser("compare", help="do the results files two runs folders share agree in every digit (all "
                        "but the timing fields)? exit 0 when at least one is shared and none differs")
     c.add_argument("runs_a", help="a runs folder, e.g. runs")
@@ -132,18 +133,25 @@ def _selection(args, default_grid=None) -> tuple[list[dict], list, bool]:
     return grids, sets, chosen
 
 
-def _run(args) -> int:
-    from .runs.execute import execute_runs, run_status, summarize, write_manifest
+def _plan_and_list(grids, sets, args) -> list:
+    from .runs.execute import run_status
     from .runs.plan import plan_grids
 
-    # without --grid, `run` means the notebooks' own defaults (the book's grid is for `book`); flags override every
-    # grid of the file
-    grids, sets, _ = _selection(args)
     runs = plan_grids(grids, runs_dir=args.runs_dir, threads=args.threads, sets=sets)
     print(f"{len(runs)} run(s):")
     for run in runs:
         state = (run_status(run) or {}).get("status", "new") if args.dry_run else ""
         print(f"  {run.key}  {state + '  ' if state else ''}{run.params}")
+    return runs
+
+
+def _run(args) -> int:
+    from .runs.execute import execute_runs, summarize, write_manifest
+
+    # without --grid, `run` means the notebooks' own defaults (the book's grid is for `book`); flags override every
+    # grid of the file
+    grids, sets, _ = _selection(args)
+    runs = _plan_and_list(grids, sets, args)
     executor = _executor(args, dry_run=args.dry_run)
     if args.dry_run:
         return 0
@@ -166,6 +174,9 @@ def _book(args) -> int:
 
     t0 = time.time()
     grids, sets, chosen = _selection(args, DEFAULT_GRID if DEFAULT_GRID.is_file() else None)
+    if args.dry_run:
+        _plan_and_list(grids, sets, args)
+        return 0
     executor = _executor(args) if not args.no_run else None
     try:
         # the budget chapter's grid belongs to the default book; a book of chosen runs shows exactly those

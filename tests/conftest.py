@@ -28,13 +28,13 @@ def dev():
 
 @pytest.fixture(scope="session")
 def fake_mvtec_tree(tmp_path_factory):
-    """Two MVTec AD categories (one object, one texture) in MVTec AD's layout, small and quick to read."""
+    """Three MVTec AD categories (two objects, one texture) in MVTec AD's layout, small and quick to read."""
     import numpy as np
     from PIL import Image
 
     root = tmp_path_factory.mktemp("mvtec")
     rng = np.random.default_rng(0)
-    for cat in ("bottle", "carpet"):
+    for cat in ("bottle", "cable", "carpet"):
         for sub in ("train/good", "test/good", "test/broken", "ground_truth/broken"):
             (root / cat / sub).mkdir(parents=True)
         base = rng.integers(60, 200, (1, 1, 3))

@@ -1,7 +1,7 @@
 """A user's whole path on a dataset of their own, as the README prints it: the papers' settings pointed at a folder
 in MVTec AD's layout from the command line, every notebook shortened to one epoch per stage, then the book of
 exactly those runs, whose comparison page holds one table, categories down and methods across."""
-import json
+import ast
 import re
 import shlex
 from pathlib import Path
@@ -131,3 +131,65 @@ def test_the_run_key_covers_every_layer_and_the_weights_file(tmp_path, monkeypat
     other = tmp_path / "b.pth"
     other.write_bytes(b"weightz")
     assert key(weights=other) != base
+
+
+def _printed_commands() -> list[tuple[str, str]]:
+    """(where, command) for every `python -m adcore run|book` and `papermill` line the README, the intro and the data
+    chapter print for a dataset on disk (a line naming /data/...), with its backslash continuations joined."""
+    import nbformat
+
+    sources = {"README.md": (REPO / "README.md").read_text(), "book/intro.md": (REPO / "book" / "intro.md").read_text()}
+    data = nbformat.read(str(REPO / "book" / "chapters" / "data.ipynb"), as_version=4)
+    sources["book/chapters/data.ipynb"] = "\n".join(c.source for c in data.cells if c.cell_type == "markdown")
+    found = []
+    for where, text in sources.items():
+        for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+            for line in block.replace("\\\n", " ").splitlines():
+                line = line.split("  #")[0].strip()
+                if re.match(r"(python -m adcore (run|book)|papermill) ", line) and "/data/" in line:
+                    found.append((where, line))
+    return found
+
+
+def test_the_docs_print_commands_for_a_users_dataset():
+    wheres = {w for w, _ in COMMANDS}
+    assert wheres == {"README.md", "book/intro.md", "book/chapters/data.ipynb"}, wheres
+
+
+COMMANDS = _printed_commands()
+
+
+@pytest.mark.parametrize("where,command", COMMANDS, ids=[f"{w.split('/')[-1]}-{i}" for i, (w, _) in enumerate(COMMANDS)])
+def test_every_printed_command_for_a_users_dataset_runs_as_printed(where, command, fake_mvtec_tree, fake_wrn_weights,
+                                                                   tmp_path, monkeypatch, capsys):
+    """Placeholders become the fake tree (MVTec AD's layout, so it stands for MVTec AD and for a folder of one's own);
+    a run is planned and listed (``--dry-run``), a papermill command prepared and its parameters checked as the
+    notebook's first cell checks them. The paper configs find their WideResNet-50-2 in the torch hub cache."""
+    import nbformat
+    from papermill.cli import papermill as papermill_cli
+
+    from adcore.runs.params import parse_parameters, validate_parameters
+
+    (tmp_path / "my-site.yaml").write_text("batch_size: 2\n")
+    hub = tmp_path / "torch" / "hub" / "checkpoints"
+    hub.mkdir(parents=True)
+    (hub / "wide_resnet50_2-95faca4d.pth").symlink_to(fake_wrn_weights)
+    subs = {"/data/mvtec_anomaly_detection": str(fake_mvtec_tree), "/data/my_parts": str(fake_mvtec_tree),
+            "/shared/adcore-runs": str(tmp_path / "runs"), "my-site.yaml": str(tmp_path / "my-site.yaml"),
+            "out.ipynb": str(tmp_path / "out.ipynb")}
+    for a, b in subs.items():
+        command = command.replace(a, b)
+    args = shlex.split(command)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.chdir(REPO)
+    if args[0] == "papermill":
+        papermill_cli.main([*args[1:], "--prepare-only"], standalone_mode=False)
+        nb = nbformat.read(str(tmp_path / "out.ipynb"), as_version=4)
+        injected = next(c.source for c in nb.cells if "injected-parameters" in c.metadata.get("tags", []))
+        values = {a.targets[0].id: ast.literal_eval(a.value) for a in ast.parse(injected).body}
+        validate_parameters(parse_parameters(REPO / args[1]), values)  # as the notebook's check_parameters does
+        return
+    args = args[3:] + ([] if "--dry-run" in args else ["--dry-run"])
+    args += [] if "--runs-dir" in args else ["--runs-dir", str(tmp_path / "runs")]
+    assert main(args) == 0, f"{where}: {command}\n{capsys.readouterr().err}"
+    assert re.search(r"^\d+ run\(s\):", capsys.readouterr().out, re.M)

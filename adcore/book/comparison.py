@@ -17,6 +17,7 @@ SHORT = {"image_auroc": "I-AUROC", "pixel_auroc": "P-AUROC", "aupro": "AUPRO"}
 MVTEC_TEXTURES = ("carpet", "grid", "leather", "tile", "wood")
 MVTEC_OBJECTS = ("bottle", "cable", "capsule", "hazelnut", "metal_nut", "pill", "screw", "toothbrush", "transistor",
                  "zipper")
+BASELINES = ("knn", "center_prior")  # the baselines notebook's methods: the columns every other is read against
 # Categories of the public benchmarks, for "n of N categories" (a folder of one's own counts what is on disk).
 BENCHMARK_CATEGORIES = {"mvtec": 15, "btad": 3, "visa": 12}
 
@@ -108,6 +109,7 @@ def category_table(results: list[dict], metrics=METRICS, published: bool | None 
     splits = [results_over_seeds([{**r, "category": r["category"][2:]} for r in rows
                                   if r["category"] == f"__{name}"], metrics) for name in ("textures", "objects")]
     methods = list(dict.fromkeys(table.index.get_level_values("method")))
+    methods = [m for m in methods if m not in BASELINES] + [m for m in BASELINES if m in methods]  # references last
     categories = [c for c in dict.fromkeys(table.index.get_level_values("category")) if c != "mean"]
     if mvtec:
         categories = sorted(categories, key=lambda c: (c not in MVTEC_TEXTURES, c))

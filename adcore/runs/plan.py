@@ -216,7 +216,10 @@ def _check_data(merged: dict, source: str) -> None:
                              f"it has {found}")
 
 
-def _weights_sha(merged: dict, source: str, cache: dict) -> str | None:
+_SHA_CACHE: dict = {}  # (path, size, mtime) -> SHA-256: a 270 MB file is hashed once per process
+
+
+def _weights_sha(merged: dict, source: str, cache: dict = _SHA_CACHE) -> str | None:
     """SHA-256 of the pretrained weights file the run's backbone will load; found (or, online, downloaded) now, not
     hours into a job. None for a notebook without a pretrained backbone."""
     if not merged.get("backbone"):
@@ -263,7 +266,8 @@ def plan_runs(notebooks, params=("default",), categories=(None,), seeds=(None,),
         notebooks: notebook paths (see :func:`resolve_notebooks`).
         params: grid entries for :func:`resolve_params` (each one run per entry; ``a+b`` or ``[a, b]`` stack).
         categories: ``None`` (the notebook's choice), a category name, or a list of names, per entry.
-        seeds: ``None`` (the notebook's seed) or ints.
+        seeds: ``None`` (the notebook's seed) or ints; a notebook without a ``seed`` parameter (the baselines, which
+            draw no random number) runs once whatever the seeds.
         runs_dir: root of the run folders.
         check_data: also check datasets, data roots and categories (needs the data on disk).
         threads: torch threads per run, whatever runs side by side (a notebook's own ``num_threads`` wins).
@@ -280,8 +284,11 @@ def plan_runs(notebooks, params=("default",), categories=(None,), seeds=(None,),
     notebooks = [Path(nb) for nb in notebooks]
     sets = list(sets or ())
     check_sets(sets, notebooks)
+    if any(s is not None for s in seeds) and not any("seed" in parse_parameters(nb) for nb in notebooks):
+        raise ParameterError(f"no selected notebook has a 'seed' parameter ({[nb.stem for nb in notebooks]}), so the "
+                             "grid cannot set seeds")
     runs, keys = [], set()
-    checked, shas = set(), {}
+    checked = set()
     for nb in notebooks:
         defaults = parse_parameters(nb)
         set_values = _sets_for(nb.stem, defaults, sets)
@@ -299,9 +306,7 @@ def plan_runs(notebooks, params=("default",), categories=(None,), seeds=(None,),
                             raise ParameterError(f"{nb.stem} has no 'categories' parameter, so the grid cannot set "
                                                  f"categories={cat!r}")
                         injected["categories"] = [cat] if isinstance(cat, str) else list(cat)
-                    if seed is not None:
-                        if "seed" not in defaults:
-                            raise ParameterError(f"{nb.stem} has no 'seed' parameter, so the grid cannot set seeds")
+                    if seed is not None and "seed" in defaults:  # a notebook without one draws nothing: one run
                         injected["seed"] = int(seed)
                     injected = _absolute_paths(injected)
                     merged = validate_parameters(defaults, injected, source=source)
@@ -313,7 +318,7 @@ def plan_runs(notebooks, params=("default",), categories=(None,), seeds=(None,),
                             checked.add(data_key)
                     resolved = {k: v for k, v in merged.items() if k not in RUNNER_PARAMS}
                     if check_weights:
-                        resolved["weights_sha256"] = _weights_sha(merged, source, shas)
+                        resolved["weights_sha256"] = _weights_sha(merged, source)
                     key = f"{nb.stem}-{pname}-{params_hash(resolved, 8)}-s{merged.get('seed', 'x')}"
                     if key in keys:
                         continue  # the same request twice in the grid
