@@ -84,6 +84,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--no-run", action="store_true", help="reuse finished runs only; fail if one is missing")
     b.add_argument("--no-build", action="store_true", help="stage the sources but do not call jupyter-book")
     b.add_argument("--dry-run", action="store_true", help="validate and list the book's runs, execute nothing")
+    b.add_argument("--chapters", nargs="+", metavar="CHAPTER", help="only these of the book's own chapters "
+                   "(data, comparison, budget, shortcuts, kernels, reproducibility); default: all")
     c = sub.add_parser("compare", help="do the results files two runs folders share agree in every digit (all "
                        "but the timing fields)? exit 0 when at least one is shared and none differs")
     c.add_argument("runs_a", help="a runs folder, e.g. runs")
@@ -183,7 +185,7 @@ def _book(args) -> int:
         out = build_book(grids=grids, sets=sets, budget_grid=None if chosen else BUDGET_GRID, jobs=args.jobs,
                          executor=executor, threads=args.threads, force=args.force, runs_dir=args.runs_dir,
                          out_dir=args.out, timeout=args.timeout, run=not args.no_run, build=not args.no_build,
-                         progress=not args.no_progress)
+                         progress=not args.no_progress, **({"chapters": args.chapters} if args.chapters else {}))
     finally:
         if executor is not None:
             executor.close()

@@ -34,7 +34,7 @@ def user_book(fake_mvtec_tree, fake_wrn_weights, tmp_path_factory):
         mp.chdir(REPO)
         assert main(["run", *args, "--runs-dir", str(runs_dir), "--jobs", "2", "--no-progress"]) == 0
         assert main(["book", *args, "--runs-dir", str(runs_dir), "--out", str(tmp / "book"), "--no-progress",
-                     "--no-run"]) == 0
+                     "--no-run", "--chapters", "data", "comparison", "reproducibility"]) == 0
     return tmp
 
 
