@@ -170,11 +170,12 @@ def _ds_tile(s, lse2, dp, delta, ws, a2, logz2, rq, cq, rk, ck, far, qk_scale, e
     return S, S * (dp - delta)
 
 
-@triton.jit
+# GRID_BH (every kernel): the autotune key's grid size, unused in the body; never specialised, so it adds no compiles.
+@triton.jit(do_not_specialize=["GRID_BH"])
 def _anomaly_attention_fwd_kernel(
         Q, K, V, SIGMA, SCAL, OUT, LSE, LOGZ, DIS, GSER, DSIG,
         sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, ssb, ssh, ssn,
-        H, N, GH, GW, D_HEAD,
+        H, N, GH, GW, D_HEAD, GRID_BH,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr,
         STATS: tl.constexpr, IS_FP64: tl.constexpr, FAST: tl.constexpr, PRECISION: tl.constexpr):
     # grid: (B * H, cdiv(N, BLOCK_M)); B * H on axis 0, which has no 65535 limit. OUT is contiguous (B, H, N, d);
@@ -279,11 +280,11 @@ def _anomaly_attention_fwd_kernel(
         tl.store(DSIG + row, tl.where(sig_ok, dsig, float("nan")), mask=m_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["GRID_BH"])
 def _anomaly_attention_bwd_kernel(
         Q, K, V, SIGMA, SCAL, DO, LSE, LOGZ, DELTA, WS, DQ, DK, DV,
         sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, ssb, ssh, ssn,
-        H, N, GW, D_HEAD,
+        H, N, GW, D_HEAD, GRID_BH,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         HAS_DO: tl.constexpr, HAS_WS: tl.constexpr, DQ_ATOMIC: tl.constexpr, IS_FP64: tl.constexpr,
         FAST: tl.constexpr, PRECISION: tl.constexpr):
@@ -353,11 +354,11 @@ def _anomaly_attention_bwd_kernel(
     tl.store(DV + out_rows[:, None] * D_HEAD + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=nd_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["GRID_BH"])
 def _anomaly_attention_bwd_dq_kernel(
         Q, K, V, SIGMA, SCAL, DO, LSE, LOGZ, DELTA, WS, DQ,
         sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, ssb, ssh, ssn,
-        H, N, GW, D_HEAD,
+        H, N, GW, D_HEAD, GRID_BH,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         HAS_DO: tl.constexpr, HAS_WS: tl.constexpr, IS_FP64: tl.constexpr, FAST: tl.constexpr,
         PRECISION: tl.constexpr):
@@ -441,17 +442,28 @@ def _bwd_dq_configs():
             for bm, bn, w in ((32, 64, 4),)]
 
 
-_TUNE_KEY = ["N", "GW", "D_HEAD", "BLOCK_D"]
-if not INTERPRET:
-    _fwd_tuned = triton.autotune(_fwd_configs() + _fwd_configs(fp32=True),
-                                 key=_TUNE_KEY + ["STATS", "IS_FP64", "PRECISION"],
-                                 prune_configs_by={"early_config_prune": _fwd_prune})(_anomaly_attention_fwd_kernel)
-    # reset_to_zero: the autotuner launches each config several times, and DQ accumulates.
-    _bwd_tuned = triton.autotune(_bwd_configs(), key=_TUNE_KEY + ["HAS_DO", "HAS_WS", "DQ_ATOMIC", "IS_FP64",
-                                                                  "PRECISION"], reset_to_zero=["DQ"])(
-        _anomaly_attention_bwd_kernel)
-    _bwd_dq_tuned = triton.autotune(_bwd_dq_configs(), key=_TUNE_KEY + ["HAS_DO", "HAS_WS", "IS_FP64", "PRECISION"])(
-        _anomaly_attention_bwd_dq_kernel)
+# GRID_BH is the launch grid's B * H rounded up to a power of two: a tile picked for 8 programs per query tile is not
+# reused at 256 (the fill of 132 SMs decides between them), while batch sizes of one power-of-two bucket share a pick.
+_TUNE_KEY = ["N", "GW", "D_HEAD", "BLOCK_D", "GRID_BH"]
+
+
+def _autotuners():
+    """The GPU launchers' autotuned kernels, by launcher name. Built at import on a GPU; tests build them without one
+    (an Autotuner touches the driver only when launched) to check what the launchers pass them."""
+    return dict(
+        fwd=triton.autotune(_fwd_configs() + _fwd_configs(fp32=True),
+                            key=_TUNE_KEY + ["STATS", "IS_FP64", "PRECISION"],
+                            prune_configs_by={"early_config_prune": _fwd_prune})(_anomaly_attention_fwd_kernel),
+        # reset_to_zero: the autotuner launches each config several times, and DQ accumulates. The launcher must
+        # therefore never pass, as DQ, a buffer that is also another argument (tests/test_kernels_launch_args.py).
+        bwd=triton.autotune(_bwd_configs(), key=_TUNE_KEY + ["HAS_DO", "HAS_WS", "DQ_ATOMIC", "IS_FP64", "PRECISION"],
+                            reset_to_zero=["DQ"])(_anomaly_attention_bwd_kernel),
+        bwd_dq=triton.autotune(_bwd_dq_configs(), key=_TUNE_KEY + ["HAS_DO", "HAS_WS", "IS_FP64", "PRECISION"])(
+            _anomaly_attention_bwd_dq_kernel),
+    )
+
+
+_TUNED = {} if INTERPRET else _autotuners()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -531,7 +543,7 @@ def _anomaly_attention_fwd(q, k, v, sigma, grid_hw, eps, stats, fp32_precision="
     lse, log_z, dis = (_new((B * H, N), q.device, stat) for _ in range(3))
     g_ser, dsig = (_new((B * H, N), q.device, stat) for _ in range(2)) if stats else (dis, dis)  # unused if no STATS
     args = (q, k, v, sigma, _scalars(q.device, stat, d, eps, gw), out, lse, log_z, dis, g_ser, dsig,
-            *_strides(q, k, v, sigma), H, N, gh, gw, d)
+            *_strides(q, k, v, sigma), H, N, gh, gw, d, next_power_of_2(B * H))
     meta = dict(BLOCK_D=max(16, next_power_of_2(d)), BLOCK_G=min(64, max(16, next_power_of_2(max(gh, gw)))),
                 STATS=stats, IS_FP64=q.dtype == torch.float64, FAST=_fast_math(q.dtype),
                 PRECISION=_dot_precision(q.dtype, fp32_precision))
@@ -541,7 +553,7 @@ def _anomaly_attention_fwd(q, k, v, sigma, grid_hw, eps, stats, fp32_precision="
         _anomaly_attention_fwd_kernel[(B * H, triton.cdiv(N, bm))](*args, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
                                                                    **meta)
     else:
-        _fwd_tuned[lambda c: (B * H, triton.cdiv(N, c["BLOCK_M"]))](*args, **meta)
+        _TUNED["fwd"][lambda c: (B * H, triton.cdiv(N, c["BLOCK_M"]))](*args, **meta)
     return out, lse, log_z, dis, g_ser, dsig
 
 
@@ -555,9 +567,9 @@ def _anomaly_attention_bwd(q, k, v, sigma, grid_hw, eps, lse, log_z, delta, do, 
     B, H, N, d = q.shape
     stat = lse.dtype
     has_do, has_ws = do is not None, ws is not None
-    dummy = lse  # never read when the matching HAS_* flag is off
+    dummy = lse  # DO, WS: never read when the matching HAS_* flag is off
     scal = _scalars(q.device, stat, d, eps, grid_hw[1])
-    common = (*_strides(q, k, v, sigma), H, N, grid_hw[1], d)
+    common = (*_strides(q, k, v, sigma), H, N, grid_hw[1], d, next_power_of_2(B * H))
     meta = dict(BLOCK_D=max(16, next_power_of_2(d)), HAS_DO=has_do, HAS_WS=has_ws,
                 IS_FP64=q.dtype == torch.float64, FAST=_fast_math(q.dtype),
                 PRECISION=_dot_precision(q.dtype, fp32_precision))
@@ -568,14 +580,16 @@ def _anomaly_attention_bwd(q, k, v, sigma, grid_hw, eps, lse, log_z, delta, do, 
     dq = dk = dv = None
     if need_dkdv or atomic:
         dk, dv = _new(q.shape, q.device, q.dtype), _new(q.shape, q.device, q.dtype)
-        dq_acc = torch.zeros(q.shape, device=q.device, dtype=stat) if atomic else dummy
+        # Without atomics DQ is never read or written, but the autotuner still zeroes it (reset_to_zero) before each
+        # timed launch: it gets a buffer of its own, never one the kernel reads (lse once was, and was zeroed).
+        dq_acc = torch.zeros(q.shape if atomic else (1,), device=q.device, dtype=stat)
         args = (q, k, v, sigma, scal, do_arg, lse, log_z, delta, ws_arg, dq_acc, dk, dv, *common)
         if fixed:
             bm, bn, warps = fixed
             _anomaly_attention_bwd_kernel[(B * H, triton.cdiv(N, bn))](*args, BLOCK_M=bm, BLOCK_N=bn, DQ_ATOMIC=atomic,
                                                                        num_warps=warps, **meta)
         else:
-            _bwd_tuned[lambda c: (B * H, triton.cdiv(N, c["BLOCK_N"]))](*args, DQ_ATOMIC=atomic, **meta)
+            _TUNED["bwd"][lambda c: (B * H, triton.cdiv(N, c["BLOCK_N"]))](*args, DQ_ATOMIC=atomic, **meta)
         if atomic:
             dq = dq_acc.to(q.dtype)
     if need_dq and deterministic:
@@ -586,7 +600,7 @@ def _anomaly_attention_bwd(q, k, v, sigma, grid_hw, eps, lse, log_z, delta, do, 
             _anomaly_attention_bwd_dq_kernel[(B * H, triton.cdiv(N, bm))](*args, BLOCK_M=bm, BLOCK_N=bn,
                                                                           num_warps=warps, **meta)
         else:
-            _bwd_dq_tuned[lambda c: (B * H, triton.cdiv(N, c["BLOCK_M"]))](*args, **meta)
+            _TUNED["bwd_dq"][lambda c: (B * H, triton.cdiv(N, c["BLOCK_M"]))](*args, **meta)
     return dq, dk, dv
 
 
@@ -663,6 +677,20 @@ def anomaly_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sigma: 
     check_triton_device(q, INTERPRET)
     check_fp32_precision(fp32_precision)
     return AnomalyAttentionFunction.apply(q, k, v, sigma, grid, float(eps), fp32_precision)
+
+
+def sass_goal_args():
+    """[(label, integer arguments by name)] at the goal shapes, for ``sass_report --specialise``: B=32, H=8, d=64 at
+    N = 196 and 784, B=4 at N = 3136, and the ViT models' B=8, N = 64 (the small-N path); contiguous inputs."""
+    out = []
+    for B, H, (gh, gw), d in ((8, 8, (8, 8), 64), (32, 8, (14, 14), 64), (32, 8, (28, 28), 64),
+                              (4, 8, (56, 56), 64)):
+        N = gh * gw
+        ints = dict(H=H, N=N, GH=gh, GW=gw, D_HEAD=d, GRID_BH=next_power_of_2(B * H), ssb=H * N, ssh=N, ssn=1)
+        for t in "qkv":
+            ints.update(zip([f"s{t}b", f"s{t}h", f"s{t}n", f"s{t}d"], (H * N * d, N * d, d, 1)))
+        out.append((f"N={N}", ints))
+    return out
 
 
 def sass_variants(dtype: str, variant):

@@ -17,11 +17,19 @@ forward (with gradient statistics) plus backward sums for the worst bf16 config 
 their bytes at HBM speed (H100 SXM: 3.35 TB/s; 132 SMs x 128 lanes at 1.83 GHz). Nothing runs, so it says nothing
 about latency hiding; it catches a regression in code size, registers or spills without a GPU. ``--budget N`` and
 ``--no-spills`` turn the bf16 total and any spilling variant into a failing exit status (CI uses both).
+
+``--specialise`` compiles every variant once per goal shape (the kernel modules' ``sass_goal_args``) with the
+argument specialisation a real launch gets: integer arguments equal to 1 become constants and multiples of 16 carry
+``tt.divisibility=16`` (Triton's own rule, ``native_specialize_impl``), pointers are 16-byte aligned. Without it the
+integers are opaque and the count is what any shape gets. ``--triton-venv DIR`` counts under the Triton installed in
+another virtual environment of the same Python (the GPU machine's Triton 3.6, say): the report reruns itself with that
+Triton first on the path and this environment's torch behind it.
 """
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import copy
 import multiprocessing
 import os
 import re
@@ -54,6 +62,9 @@ class Variant:
     floats: set = field(default_factory=set)  # float scalar arguments
     counted: bool = True  # part of the fwd+bwd total (the training path)
     result: dict = field(default_factory=dict)
+    ints: dict | None = None  # --specialise: integer argument values at one goal shape, by name
+    shape: str = ""  # the goal shape's label
+    n_range: tuple = (1, float("inf"))  # the token counts N for which the launcher picks this variant
 
     @property
     def config(self):
@@ -64,7 +75,7 @@ class Variant:
 
     @property
     def flags(self):
-        return " ".join(f"{k}" for k, v in self.consts.items() if v is True)
+        return " ".join([f"{k}" for k, v in self.consts.items() if v is True] + ([self.shape] if self.shape else []))
 
 
 def _tool(name):
@@ -91,6 +102,27 @@ def _signature(v):
         else:
             sig[name] = "i32"
     return sig
+
+
+def _specialised(v, sig):
+    """(signature, constexprs, attrs) as a launch with the integer arguments v.ints would compile them."""
+    consts, attrs = dict(v.consts), {}
+    if v.ints is None:
+        return sig, consts, attrs
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.nvidia.compiler import CUDABackend
+    sig = dict(sig)
+    fixed = {p.name for p in v.fn.params if p.do_not_specialize}
+    for i, name in enumerate(v.fn.arg_names):
+        if sig[name].startswith("*"):
+            attrs[(i,)] = CUDABackend.parse_attr("D")  # torch's allocations are 256-byte aligned
+        elif name in v.ints and name not in fixed and sig[name] == "i32":
+            kind, key = native_specialize_impl(CUDABackend, int(v.ints[name]), False, True, True)
+            if kind == "constexpr":
+                sig[name], consts[name] = "constexpr", int(v.ints[name])
+            elif key:
+                attrs[(i,)] = CUDABackend.parse_attr(key)
+    return sig, consts, attrs
 
 
 _LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?);")
@@ -139,7 +171,8 @@ def _compile_one(i: int) -> Variant:
 
     v = _TODO[i]
     t0 = time.time()
-    src = ASTSource(fn=v.fn, signature=_signature(v), constexprs=v.consts)
+    sig, consts, attrs = _specialised(v, _signature(v))
+    src = ASTSource(fn=v.fn, signature=sig, constexprs=consts, attrs=attrs)
     kernel = triton.compile(src, target=GPUTarget("cuda", ARCH, 32),
                             options={"num_warps": v.num_warps, "num_stages": v.num_stages})
     with tempfile.TemporaryDirectory() as tmp:
@@ -171,15 +204,43 @@ def _compile_one(i: int) -> Variant:
     return v
 
 
-def variants(dtypes):
-    """Every kernel variant the launchers can pick on a GPU, from the kernel modules' own config lists."""
+def variants(dtypes, specialise=False):
+    """Every kernel variant the launchers can pick on a GPU, from the kernel modules' own config lists; with
+    ``specialise``, one copy per goal shape carrying that shape's integer arguments."""
     import kernels.anomaly_attention as aa
     import kernels.mdn_nll as mn
     out = []
-    for dt in dtypes:
-        out += aa.sass_variants(dt, Variant)
-        out += mn.sass_variants(dt, Variant)
+    for mod in (aa, mn):
+        found = [v for dt in dtypes for v in mod.sass_variants(dt, Variant)]
+        if not specialise:
+            out += found
+            continue
+        for label, ints in mod.sass_goal_args():
+            for v in found:
+                if v.n_range[0] <= ints["N"] <= v.n_range[1]:
+                    w = copy.copy(v)
+                    w.ints, w.shape = ints, label
+                    out.append(w)
     return out
+
+
+def _site_packages(venv: Path) -> Path:
+    found = sorted(venv.glob(f"lib/python{sys.version_info[0]}.{sys.version_info[1]}/site-packages"))
+    if not found or not (found[0] / "triton").is_dir():
+        others = sorted(p.parent.name for p in venv.glob("lib/python*/site-packages/triton"))
+        raise SystemExit(f"{venv} has no Triton for Python {sys.version_info[0]}.{sys.version_info[1]}"
+                         + (f" (it has one for {', '.join(others)}: run this report with that Python)" if others
+                            else "; create it with: python3 -m venv DIR && DIR/bin/pip install 'triton==3.6.*'"))
+    return found[0]
+
+
+def _rerun_under(venv: str, argv: list) -> int:
+    """Run this report again with the Triton of ``venv`` first on the path (torch and numpy still come from here)."""
+    site = _site_packages(Path(venv).resolve())
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(site), str(root)] + [p for p in sys.path if p]),
+               ADCORE_SASS_TRITON=str(site))
+    return subprocess.run([sys.executable, "-m", "kernels.bench.sass_report", *argv], env=env).returncode
 
 
 def _fmt(x, width=6):
@@ -246,12 +307,27 @@ def main(argv=None):
                         help="exit 1 when anomaly_attention's bf16 fwd+bwd instructions per element exceed this")
     parser.add_argument("--no-spills", action="store_true", help="exit 1 when any variant spills")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles")
+    parser.add_argument("--specialise", action="store_true",
+                        help="compile at the goal shapes with a real launch's argument specialisation")
+    parser.add_argument("--triton-venv", metavar="DIR", default=None,
+                        help="count under the Triton installed in this virtual environment (same Python)")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0").strip().lower() not in ("", "0", "false", "no", "off"):
         raise SystemExit("unset TRITON_INTERPRET: the report compiles for a GPU")
+    if args.triton_venv:
+        argv = list(sys.argv[1:] if argv is None else argv)
+        i = argv.index("--triton-venv") if "--triton-venv" in argv else None
+        rest = argv[:i] + argv[i + 2:] if i is not None else [a for a in argv if not a.startswith("--triton-venv=")]
+        raise SystemExit(_rerun_under(args.triton_venv, rest))
+    import triton
+    want = os.environ.get("ADCORE_SASS_TRITON")
+    if want and not Path(triton.__file__).resolve().is_relative_to(Path(want).resolve()):
+        raise SystemExit(f"asked for the Triton in {want} but imported {triton.__file__}")
+    print(f"Triton {triton.__version__} ({Path(triton.__file__).parent})"
+          + (", specialised at the goal shapes" if args.specialise else ""))
     with tempfile.TemporaryDirectory(prefix="adcore-sass-") as cache:
         os.environ["TRITON_CACHE_DIR"] = cache  # a fresh compile every run: never a stale cubin
-        _TODO[:] = [v for v in variants(args.dtype) if args.match in v.fn.__name__]
+        _TODO[:] = [v for v in variants(args.dtype, args.specialise) if args.match in v.fn.__name__]
         t0 = time.time()
         ctx = multiprocessing.get_context("fork")
         with concurrent.futures.ProcessPoolExecutor(max(1, args.jobs), mp_context=ctx) as pool:
