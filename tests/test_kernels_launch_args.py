@@ -72,24 +72,27 @@ MODES = [(need_dq, need_dkdv, det, has_do, has_ws)
          for has_do, has_ws in ((True, True), (True, False), (False, True)) if need_dq or need_dkdv]
 
 
+@pytest.mark.parametrize("grid", [(3, 4), (12, 12)], ids=["single_pass_fwd", "two_sweep_fwd"])
 @pytest.mark.parametrize("need_dq,need_dkdv,deterministic,has_do,has_ws", MODES)
-def test_attention_hooked_arguments_alias_nothing(monkeypatch, need_dq, need_dkdv, deterministic, has_do, has_ws):
+def test_attention_hooked_arguments_alias_nothing(monkeypatch, need_dq, need_dkdv, deterministic, has_do, has_ws,
+                                                  grid):
     import kernels.anomaly_attention as aa
     rec = _record(monkeypatch, aa)
-    B, H, N, d = 2, 2, 12, 16
+    B, H, N, d = 2, 2, grid[0] * grid[1], 16
     q, k, v = (torch.randn(B, H, N, d) for _ in range(3))
     sigma = torch.rand(B, H, N) + 0.5
-    out, lse, log_z, dis, g_ser, dsig = aa._anomaly_attention_fwd(q, k, v, sigma, (3, 4), 1e-4, stats=True)
+    out, lse, log_z, dis, g_ser, dsig = aa._anomaly_attention_fwd(q, k, v, sigma, grid, 1e-4, stats=True)
     delta = torch.zeros_like(lse)
     do = torch.randn_like(q) if has_do else None
     ws = torch.randn_like(lse) if has_ws else None
-    aa._anomaly_attention_bwd(q, k, v, sigma, (3, 4), 1e-4, lse, log_z, delta, do, ws, need_dq=need_dq,
+    aa._anomaly_attention_bwd(q, k, v, sigma, grid, 1e-4, lse, log_z, delta, do, ws, need_dq=need_dq,
                               need_dkdv=need_dkdv, deterministic=deterministic)
-    assert len(rec["fwd"].calls) == 1
+    assert len(rec["fwd_small" if N <= aa.SMALL_N else "fwd"].calls) == 1
+    assert len(rec["fwd" if N <= aa.SMALL_N else "fwd_small"].calls) == 0
     assert len(rec["bwd"].calls) == int(need_dkdv or (need_dq and not deterministic))
     assert len(rec["bwd_dq"].calls) == int(need_dq and deterministic)
     assert not _aliasing(rec)
-    for call in rec["bwd"].calls + rec["bwd_dq"].calls + rec["fwd"].calls:
+    for call in rec["bwd"].calls + rec["bwd_dq"].calls + rec["fwd"].calls + rec["fwd_small"].calls:
         assert call["GRID_BH"] == 4  # next power of two of B * H
 
 
