@@ -106,3 +106,15 @@ def test_mdn_hooked_arguments_alias_nothing(monkeypatch):
     mn._mdn_nll_bwd(x, mu, log_var, coef, torch.randn(N))
     assert len(rec["fwd"].calls) == 1 and len(rec["bwd"].calls) == 1
     assert not _aliasing(rec)
+
+
+def test_small_n_single_pass_only_with_tensor_core_dots(monkeypatch):
+    """IEEE float32 dots in the single-pass forward spill about 40 KB (sass_report --fp32-precision ieee): at N <= 128
+    they take the two-sweep kernel; TF32 and half dots take the single pass."""
+    import kernels.anomaly_attention as aa
+    q, k, v = (torch.randn(1, 2, 12, 16) for _ in range(3))
+    sigma = torch.rand(1, 2, 12) + 0.5
+    for precision, used in (("ieee", "fwd"), ("tf32", "fwd_small")):
+        rec = _record(monkeypatch, aa)
+        aa._anomaly_attention_fwd(q, k, v, sigma, (3, 4), 1e-4, stats=True, fp32_precision=precision)
+        assert len(rec[used].calls) == 1 and sum(len(r.calls) for r in rec.values()) == 1, precision
