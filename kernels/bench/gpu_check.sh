@@ -64,9 +64,11 @@ step() {  # step NAME SECONDS CMD...: run under a time limit, record the outcome
 }
 
 if [ "$DRY" -eq 0 ]; then
-    "$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'" || { echo "no CUDA device" | tee -a "$LOG"; save; exit 2; }
+    "$PY" -c "import torch; assert torch.cuda.is_available()" || { echo "no CUDA device" | tee -a "$LOG"; save; exit 2; }
 fi
-step environment 30 "$PY" -c "import sys, torch, triton, numpy; print(sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, 'numpy', numpy.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')"
+ENV_INFO="import sys, torch, triton, numpy as np; print(sys.version.split()[0], 'torch', torch.__version__, 'triton',
+triton.__version__, 'numpy', np.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')"
+step environment 30 "$PY" -c "$ENV_INFO"
 if [ "$QUICK" -eq 1 ]; then
     # <= 3 minutes: 15 + 75 + 45 + 30 = 165 s of limits.
     step correctness 75 "$PY" -m kernels.bench.gpu_correctness --quick "${FLAG[@]}"
