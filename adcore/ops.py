@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 
 import torch
 
@@ -62,9 +63,22 @@ def anomaly_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sigma: 
         grid_hw: (grid_h, grid_w); (1, N) for a 1-D sequence.
         eps: the KL smoothing constant (Anomaly Transformer's 1e-4).
         backend: "auto", "triton" or "torch" (see the module docstring).
-        fp32_precision: float32 dots of the Triton kernel on a GPU: "tf32" (tensor cores; about 1e-3 relative error
-            in the scores, see kernels/anomaly_attention.py) or "ieee" (exact, on the CUDA cores, several times
-            slower). The torch backend follows torch's own matmul settings.
+        fp32_precision: float32 dots of the Triton kernel on a GPU (half and float64 inputs ignore it):
+            "tf32", the default, runs them on the tensor cores with 10-bit mantissas: about 1e-3 relative error in
+            the scores and 2e-3 in outputs and gradients (tests/test_kernels_gpu.py), within the SASS budget.
+            "ieee" gives exact float32 dots (1e-4 against float64) but runs them on the CUDA cores: several times
+            slower, and its compile uses more registers (sass_report lists its count and spills, outside the
+            budget). The torch backend follows torch's own matmul settings
+            (``torch.backends.cuda.matmul.allow_tf32``). Models take it as their ``fp32_precision`` parameter.
+
+    Determinism: the Triton backward adds dQ with float32 atomics, whose order varies between runs (last bits).
+    Under ``torch.use_deterministic_algorithms(True)`` (:func:`adcore.utils.set_deterministic`) it takes an
+    atomic-free second kernel instead, bitwise repeatable on one GPU and stack, at the cost of recomputing every
+    score tile once more (the deterministic backward does about 1.5x the atomic one's exp/log work).
+
+    sigma's values (positive, finite) are checked on the host on CPU and for the torch backend. For the Triton
+    backend on CUDA a host check would synchronise every call; the kernel instead writes NaN into a bad row and
+    sets a device flag, which :func:`check_sigma_flag` reads once per step.
 
     Returns:
         out (B, H, N, d); dis_series and dis_prior, both (B, H, N) with equal values. dis_series sends gradient only
@@ -72,9 +86,10 @@ def anomaly_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sigma: 
         ``rec - lam * dis_series.mean() + rec + lam * dis_prior.mean()`` gives the minimax's two passes at once.
 
     Raises:
-        ValueError: wrong ranks or shapes, N != grid_h * grid_w, mismatched devices or dtypes, non-positive or
-            non-finite sigma (not checked for the Triton backend on CUDA: NaN rows instead), an unknown backend or
-            fp32_precision, or a Triton backend that cannot run on these tensors.
+        ValueError: wrong ranks or shapes, N != grid_h * grid_w, mismatched devices or dtypes (sigma may be
+            float32 beside float16/bfloat16 q), non-positive or non-finite sigma (for the Triton backend on CUDA:
+            NaN rows and the flag :func:`check_sigma_flag` reads), an unknown backend or fp32_precision, or a
+            Triton backend that cannot run on these tensors.
     """
     # The value check (sigma > 0) reads tensor data, which an ONNX export cannot trace; shapes are still checked.
     # On CUDA the Triton path skips it too (reading sigma back is a host sync on every call); the kernel writes NaN
@@ -89,6 +104,27 @@ def anomaly_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sigma: 
     mod = _kernel_module("anomaly_attention")
     check_triton_device(q, mod.INTERPRET)
     return mod.AnomalyAttentionFunction.apply(q, k, v, sigma, grid, float(eps), fp32_precision)
+
+
+def check_sigma_flag(device=None) -> None:
+    """Raise ValueError if a fused anomaly_attention forward on ``device`` (default: the current CUDA device) met a
+    sigma that was not positive and finite since the last check, and clear the flag.
+
+    Reads one int32 from the device: a host sync, so call it once per training step (where the loop already waits
+    for the loss) rather than per layer. A no-op where the fused kernels never ran (CPU runs check on the host).
+    """
+    if "kernels.anomaly_attention" not in sys.modules:
+        return
+    mod = sys.modules["kernels.anomaly_attention"]
+    if device is None:
+        if not torch.cuda.is_available():
+            return
+        device = torch.device("cuda", torch.cuda.current_device())
+    flag = mod._FLAGS.get(str(torch.device(device)))
+    if flag is not None and bool(flag.item()):
+        flag.zero_()
+        raise ValueError("anomaly_attention got a sigma that was not positive and finite (its rows came out NaN); "
+                         "sigma must be > 0 and finite in grid-cell units")
 
 
 def mdn_nll(x: torch.Tensor, logits: torch.Tensor, mu: torch.Tensor, log_var: torch.Tensor,

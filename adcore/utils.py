@@ -22,6 +22,23 @@ def seed_everything(seed: int) -> None:
         torch.cuda.manual_seed_all(seed)
 
 
+def set_deterministic(flag: bool = True, *, warn_only: bool = False) -> None:
+    """Make (``flag=True``) or stop making CUDA runs repeatable to the digit on one GPU and software stack.
+
+    Sets ``torch.use_deterministic_algorithms(flag)``, which the fused anomaly attention follows (its dQ then comes
+    from the atomic-free kernel, see :func:`adcore.ops.anomaly_attention`) and which makes torch raise for any op
+    without a deterministic implementation (``warn_only=True``: warn instead); cuDNN's deterministic algorithms
+    without autotuning (``cudnn.benchmark`` picks by timing); and ``CUBLAS_WORKSPACE_CONFIG=:4096:8``, which
+    deterministic cuBLAS needs (read when CUDA first initialises cuBLAS, so call this before the first CUDA matmul).
+    On CPU adcore's runs are already repeatable at a fixed thread count; this costs nothing there.
+    """
+    torch.use_deterministic_algorithms(flag, warn_only=warn_only)
+    torch.backends.cudnn.deterministic = flag
+    torch.backends.cudnn.benchmark = False if flag else torch.backends.cudnn.benchmark
+    if flag:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
 def atomic_write_bytes(path, data: bytes) -> Path:
     """Write ``data`` to ``path`` via a temporary file in the same folder and ``os.replace``.
 

@@ -87,7 +87,8 @@ def check_anomaly_attention_inputs(q, k, v, sigma, grid_hw, eps: float = 1e-4,
 
     Args:
         q, k, v: (B, H, N, d) tensors of one floating dtype on one device.
-        sigma: (B, H, N) prior widths in grid cells, strictly positive and finite.
+        sigma: (B, H, N) prior widths in grid cells, strictly positive and finite; q's dtype, or float32 beside
+            float16/bfloat16 q.
         grid_hw: (grid_h, grid_w) with grid_h * grid_w == N.
         eps: the KL smoothing constant, > 0.
         check_values: also check ``sigma > 0`` and finiteness (reads sigma, so it synchronises a GPU stream).
@@ -95,7 +96,14 @@ def check_anomaly_attention_inputs(q, k, v, sigma, grid_hw, eps: float = 1e-4,
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_tensor(name, t, 4)
     _check_tensor("sigma", sigma, 3)
-    _check_same("q", q, k=k, v=v, sigma=sigma)
+    _check_same("q", q, k=k, v=v)
+    if sigma.device != q.device:
+        raise ValueError(f"sigma is on {sigma.device} but q is on {q.device}; all inputs must share a device")
+    # sigma may be float32 beside half q: models compute it in float32 under autocast (a bfloat16 σ underflows),
+    # and the kernels read it into float32 statistics either way.
+    if sigma.dtype != q.dtype and not (sigma.dtype == torch.float32 and q.dtype in (torch.float16, torch.bfloat16)):
+        raise ValueError(f"sigma has dtype {sigma.dtype} but q has {q.dtype}; sigma must have q's dtype, or float32 "
+                         "when q is float16/bfloat16")
     if k.shape != q.shape or v.shape != q.shape:
         raise ValueError(f"q, k and v must all be (B, H, N, d) of one shape, got {tuple(q.shape)}, "
                          f"{tuple(k.shape)} and {tuple(v.shape)}")

@@ -149,6 +149,42 @@ def _row_prior(SIGMA, sig_off, offs, mask, ln2, inv_gw, gw_f, ACC: tl.constexpr)
 
 
 @triton.jit
+def _prior_terms(S, eS, lS, r_i, c_i, a2, logz2, keys_f, n_mask, inv_gw, gw_f, eps, ln2,
+                 STATS: tl.constexpr, FAST: tl.constexpr):
+    """One (queries, keys) tile's terms of the forward's row sums, where the prior is not known to be zero: with
+    diff = log2(S+ε) - log2(P+ε), returns (S-P) diff, S g, P hh, P hh d^2, P d^2 (see sweep 2). Keys past N get
+    P = 0 (their row coordinate is pushed far away); S must already be 0 there."""
+    r_j, c_j = _grid_coords(keys_f, inv_gw, gw_f)
+    r_j = tl.where(n_mask, r_j, 1e18)
+    dr = r_i[:, None] - r_j[None, :]
+    dc = c_i[:, None] - c_j[None, :]
+    d2 = dr * dr + dc * dc
+    P = tl.exp2(-d2 * a2[:, None] - logz2[:, None])
+    eP = P + eps
+    diff = lS - _log2(eP, FAST)
+    sp = S - P
+    if STATS:
+        ph = P * (diff * ln2 + _div(sp, eP, FAST))  # P·hh, hh = -h
+        return sp * diff, S * (diff * ln2 + _div(sp, eS, FAST)), ph, ph * d2, P * d2
+    else:
+        return sp * diff, sp, sp, sp, sp  # only the first is used
+
+
+@triton.jit
+def _store_row_stats(DIS, GSER, DSIG, FLAG, row, m_mask, sig, dis, g, h, t1, t2, ln2, STATS: tl.constexpr):
+    """Store R = ln2 Σ(S-P)diff, G and ∂R/∂σ = (H' T2 - T1')/σ^3 for a tile of rows (sums over all keys given).
+
+    A σ that is not positive and finite makes its row NaN and sets FLAG (one int32): checking the values on the host
+    costs a sync per call, so on a GPU adcore.ops reads the flag once per step instead (check_sigma_flag)."""
+    sig_ok = (sig > 0) & (sig < float("inf"))
+    tl.store(DIS + row, tl.where(sig_ok, dis * ln2, float("nan")), mask=m_mask)
+    tl.store(FLAG + row * 0, tl.full(row.shape, 1, tl.int32), mask=m_mask & ~sig_ok)
+    if STATS:
+        tl.store(GSER + row, g, mask=m_mask)
+        tl.store(DSIG + row, tl.where(sig_ok, (h * t2 - t1) / (sig * sig * sig), float("nan")), mask=m_mask)
+
+
+@triton.jit
 def _ds_tile(s, lse2, dp, delta, ws, a2, logz2, rq, cq, rk, ck, far, qk_scale, eps, log2_eps, ln2,
              HAS_WS: tl.constexpr, FAST: tl.constexpr):
     """S and dscore for one score tile, in either orientation: per-query and per-key vectors come broadcast.
@@ -170,11 +206,12 @@ def _ds_tile(s, lse2, dp, delta, ws, a2, logz2, rq, cq, rk, ck, far, qk_scale, e
     return S, S * (dp - delta)
 
 
-@triton.jit
+# GRID_BH (every kernel): the autotune key's grid size, unused in the body; never specialised, so it adds no compiles.
+@triton.jit(do_not_specialize=["GRID_BH"])
 def _anomaly_attention_fwd_kernel(
-        Q, K, V, SIGMA, SCAL, OUT, LSE, LOGZ, DIS, GSER, DSIG,
+        Q, K, V, SIGMA, SCAL, OUT, LSE, LOGZ, DIS, GSER, DSIG, FLAG,
         sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, ssb, ssh, ssn,
-        H, N, GH, GW, D_HEAD,
+        H, N, GH, GW, D_HEAD, GRID_BH,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr,
         STATS: tl.constexpr, IS_FP64: tl.constexpr, FAST: tl.constexpr, PRECISION: tl.constexpr):
     # grid: (B * H, cdiv(N, BLOCK_M)); B * H on axis 0, which has no 65535 limit. OUT is contiguous (B, H, N, d);
@@ -253,37 +290,73 @@ def _anomaly_attention_fwd_kernel(
             if STATS:
                 g_t += S * (diff * ln2 + _div(S, eS, FAST))
         else:
-            r_j, c_j = _grid_coords(start_n + arange_nf, inv_gw, gw_f)
-            r_j = tl.where(n_mask, r_j, 1e18)  # padding keys: P = 0
-            dr = r_i[:, None] - r_j[None, :]
-            dc = c_i[:, None] - c_j[None, :]
-            d2 = dr * dr + dc * dc
-            P = tl.exp2(-d2 * a2[:, None] - logz2[:, None])
-            eP = P + eps
-            diff = lS - _log2(eP, FAST)
-            sp = S - P
-            dis_t += sp * diff
+            dis_e, g_e, h_e, t1_e, t2_e = _prior_terms(S, eS, lS, r_i, c_i, a2, logz2, start_n + arange_nf, n_mask,
+                                                       inv_gw, gw_f, eps, ln2, STATS, FAST)
+            dis_t += dis_e
             if STATS:
-                g_t += S * (diff * ln2 + _div(sp, eS, FAST))
-                ph = P * (diff * ln2 + _div(sp, eP, FAST))  # P·hh, hh = -h
-                h_t += ph
-                t1_t += ph * d2
-                t2_t += P * d2
-    # A σ that is not positive and finite makes its row NaN: the value check costs a host sync, so on a GPU the
-    # public function leaves it to the kernel.
-    sig_ok = (sig > 0) & (sig < float("inf"))
-    tl.store(DIS + row, tl.where(sig_ok, tl.sum(dis_t, 1) * ln2, float("nan")), mask=m_mask)
-    if STATS:
-        tl.store(GSER + row, tl.sum(g_t, 1), mask=m_mask)
-        dsig = (tl.sum(h_t, 1) * tl.sum(t2_t, 1) - tl.sum(t1_t, 1)) / (sig * sig * sig)
-        tl.store(DSIG + row, tl.where(sig_ok, dsig, float("nan")), mask=m_mask)
+                g_t += g_e
+                h_t += h_e
+                t1_t += t1_e
+                t2_t += t2_e
+    _store_row_stats(DIS, GSER, DSIG, FLAG, row, m_mask, sig, tl.sum(dis_t, 1), tl.sum(g_t, 1), tl.sum(h_t, 1),
+                     tl.sum(t1_t, 1), tl.sum(t2_t, 1), ln2, STATS)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["GRID_BH"])
+def _anomaly_attention_fwd_small_kernel(
+        Q, K, V, SIGMA, SCAL, OUT, LSE, LOGZ, DIS, GSER, DSIG, FLAG,
+        sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, ssb, ssh, ssn,
+        H, N, GH, GW, D_HEAD, GRID_BH,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr,
+        STATS: tl.constexpr, IS_FP64: tl.constexpr, FAST: tl.constexpr, PRECISION: tl.constexpr):
+    # The forward for N <= BLOCK_N (N <= 128; the ViT models run at N = 64): one key tile holds the whole row, so the
+    # two sweeps become one. The scores are computed once, the softmax is exact (no running max, no rescaling),
+    # S = p / l reuses the softmax's exp2, and the row sums come straight from the same registers. Same grid,
+    # arguments and outputs as _anomaly_attention_fwd_kernel.
+    ACC = tl.float64 if IS_FP64 else tl.float32
+    pid_bh = tl.program_id(0).to(tl.int64)
+    b = pid_bh // H
+    h = pid_bh % H
+    qk_scale, eps, ln2, inv_gw, gw_f, log2_eps = _scalars_of(SCAL, FAST)
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_mask = offs_m < N
+    n_mask = offs_n < N
+    d_mask = offs_d < D_HEAD
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd,
+                mask=m_mask[:, None] & d_mask[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
+    kt = tl.load(K + b * skb + h * skh + offs_n[None, :] * skn + offs_d[:, None] * skd,
+                 mask=d_mask[:, None] & n_mask[None, :], other=0.0)  # (BLOCK_D, BLOCK_N)
+    s = tl.where(n_mask[None, :], tl.dot(q, kt, input_precision=PRECISION).to(ACC) * qk_scale, float("-inf"))
+    m_i = tl.max(s, 1)
+    p = tl.exp2(s - m_i[:, None])
+    l_i = tl.sum(p, 1)
+    vt = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :] * svd,
+                 mask=n_mask[:, None] & d_mask[None, :], other=0.0)  # (BLOCK_N, BLOCK_D)
+    inv_l = 1.0 / l_i
+    acc = tl.dot(p.to(vt.dtype), vt, input_precision=PRECISION).to(ACC)
+    row = pid_bh * N + offs_m
+    tl.store(OUT + row[:, None] * D_HEAD + offs_d[None, :], (acc * inv_l[:, None]).to(OUT.dtype.element_ty),
+             mask=m_mask[:, None] & d_mask[None, :])
+    tl.store(LSE + row, m_i + tl.log2(l_i), mask=m_mask)
+
+    sig, a2, r_i, c_i = _row_prior(SIGMA, b * ssb + h * ssh + offs_m * ssn, offs_m, m_mask, ln2, inv_gw, gw_f, ACC)
+    logz2 = _log2_prior_norm(r_i, c_i, a2, GH, GW, BLOCK_M, BLOCK_G, ACC)
+    tl.store(LOGZ + row, logz2, mask=m_mask)
+    S = p * inv_l[:, None]  # 0 on keys past N
+    eS = S + eps
+    dis_e, g_e, h_e, t1_e, t2_e = _prior_terms(S, eS, _log2(eS, FAST), r_i, c_i, a2, logz2, offs_n.to(ACC), n_mask,
+                                               inv_gw, gw_f, eps, ln2, STATS, FAST)
+    _store_row_stats(DIS, GSER, DSIG, FLAG, row, m_mask, sig, tl.sum(dis_e, 1), tl.sum(g_e, 1), tl.sum(h_e, 1),
+                     tl.sum(t1_e, 1), tl.sum(t2_e, 1), ln2, STATS)
+
+
+@triton.jit(do_not_specialize=["GRID_BH"])
 def _anomaly_attention_bwd_kernel(
         Q, K, V, SIGMA, SCAL, DO, LSE, LOGZ, DELTA, WS, DQ, DK, DV,
         sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, ssb, ssh, ssn,
-        H, N, GW, D_HEAD,
+        H, N, GW, D_HEAD, GRID_BH,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         HAS_DO: tl.constexpr, HAS_WS: tl.constexpr, DQ_ATOMIC: tl.constexpr, IS_FP64: tl.constexpr,
         FAST: tl.constexpr, PRECISION: tl.constexpr):
@@ -353,11 +426,11 @@ def _anomaly_attention_bwd_kernel(
     tl.store(DV + out_rows[:, None] * D_HEAD + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=nd_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["GRID_BH"])
 def _anomaly_attention_bwd_dq_kernel(
         Q, K, V, SIGMA, SCAL, DO, LSE, LOGZ, DELTA, WS, DQ,
         sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, ssb, ssh, ssn,
-        H, N, GW, D_HEAD,
+        H, N, GW, D_HEAD, GRID_BH,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         HAS_DO: tl.constexpr, HAS_WS: tl.constexpr, IS_FP64: tl.constexpr, FAST: tl.constexpr,
         PRECISION: tl.constexpr):
@@ -418,40 +491,86 @@ def _anomaly_attention_bwd_dq_kernel(
 # (BLOCK_N x d) besides: narrow query tiles (BLOCK_M = 16) keep it within 255 registers; BLOCK_M = 32 spilled.
 # The interpreter bypasses the autotuner (it needs a driver) and uses _interpret_blocks() or BLOCK_OVERRIDE.
 def _fwd_configs(fp32: bool = False):
-    # float32 operands take twice the registers of bf16 ones: only 64 x 32 with 8 warps stays spill-free.
-    tiles = ((64, 32, 8),) if fp32 else ((64, 64, 8), (64, 32, 4), (128, 32, 8))
+    # float32 operands take twice the registers of bf16 ones: only 64 x 32 with 8 warps stays spill-free. Under
+    # Triton 3.6, 64 x 32 with 4 warps and 128 x 32 with 8 (16 elements per thread) spilled 40 and 72 bytes.
+    tiles = ((64, 32, 8),) if fp32 else ((64, 64, 8), (64, 32, 8))
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=2) for bm, bn, w in tiles]
 
 
-def _fwd_prune(configs, named_args, **kwargs):
-    # The autotuner holds the union of both lists; each launch keeps its dtype's.
-    fp32 = named_args["Q"].dtype == torch.float32
-    keep = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps) for c in _fwd_configs(fp32)}
-    return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps) in keep]
+def _dtype_prune(configs_of):
+    """An early_config_prune that keeps, of the union an autotuner holds, the configs of the launch's dtype."""
+    def prune(configs, named_args, **kwargs):
+        keep = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps)
+                for c in configs_of(fp32=named_args["Q"].dtype == torch.float32)}
+        return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps) in keep]
+    return prune
 
 
-def _bwd_configs():
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=2)
-            for bm, bn, w in ((16, 128, 8), (16, 64, 4))]
+def _bwd_configs(fp32: bool = False):
+    # float32: 16 x 64 with 4 warps spilled 40 bytes under Triton 3.6.
+    tiles = ((16, 128, 8),) if fp32 else ((16, 128, 8), (16, 64, 4))
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=2) for bm, bn, w in tiles]
 
 
 def _bwd_dq_configs():
-    # 64 x 64 with 8 warps evaluated every exp and log twice (12 MUFU per element against 6: two warpgroups).
+    # 64 x 64 with 8 warps evaluated every exp and log twice (12 MUFU per element against 6: two warpgroups);
+    # 32 x 64 with 4 warps spilled 292 bytes under Triton 3.6, 32 x 32 spills under neither 3.6 nor 3.8.
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=2)
-            for bm, bn, w in ((32, 64, 4),)]
+            for bm, bn, w in ((32, 32, 4),)]
 
 
-_TUNE_KEY = ["N", "GW", "D_HEAD", "BLOCK_D"]
-if not INTERPRET:
-    _fwd_tuned = triton.autotune(_fwd_configs() + _fwd_configs(fp32=True),
-                                 key=_TUNE_KEY + ["STATS", "IS_FP64", "PRECISION"],
-                                 prune_configs_by={"early_config_prune": _fwd_prune})(_anomaly_attention_fwd_kernel)
-    # reset_to_zero: the autotuner launches each config several times, and DQ accumulates.
-    _bwd_tuned = triton.autotune(_bwd_configs(), key=_TUNE_KEY + ["HAS_DO", "HAS_WS", "DQ_ATOMIC", "IS_FP64",
-                                                                  "PRECISION"], reset_to_zero=["DQ"])(
-        _anomaly_attention_bwd_kernel)
-    _bwd_dq_tuned = triton.autotune(_bwd_dq_configs(), key=_TUNE_KEY + ["HAS_DO", "HAS_WS", "IS_FP64", "PRECISION"])(
-        _anomaly_attention_bwd_dq_kernel)
+def _fwd_small_configs(block_n: int = 128):
+    """(BLOCK_M, num_warps) of the single-pass forward for a row of block_n keys. Its code runs once per program, not
+    per key tile, so the per-thread set-up (loads, reductions, stores) is amortised only over the elements a thread
+    owns: 32 per thread counted 122-136 SASS per element under Triton 3.6 and 3.8 without spills, 8 to 16 per thread
+    160-220 (sass_report); 64 x 64 with 4 warps spilled 8 bytes under 3.6, 64 x 128 with 8 warps 600-900."""
+    tiles = ((32, 2),) if block_n <= 64 else ((16, 2),)
+    return [triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=2) for bm, w in tiles]
+
+
+def _small_prune(configs, named_args, **kwargs):
+    keep = {(c.kwargs["BLOCK_M"], c.num_warps) for c in _fwd_small_configs(kwargs["BLOCK_N"])}
+    return [c for c in configs if (c.kwargs["BLOCK_M"], c.num_warps) in keep]
+
+
+def _union(configs_of):
+    seen, out = set(), []
+    for c in configs_of() + configs_of(fp32=True):
+        key = (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps)
+        if key not in seen:
+            seen.add(key)
+            out.append(c)
+    return out
+
+
+# GRID_BH is the launch grid's B * H rounded up to a power of two: a tile picked for 8 programs per query tile is not
+# reused at 256 (the fill of 132 SMs decides between them), while batch sizes of one power-of-two bucket share a pick.
+_TUNE_KEY = ["N", "GW", "D_HEAD", "BLOCK_D", "GRID_BH"]
+
+
+def _autotuners():
+    """The GPU launchers' autotuned kernels, by launcher name. Built at import on a GPU; tests build them without one
+    (an Autotuner touches the driver only when launched) to check what the launchers pass them."""
+    return dict(
+        fwd=triton.autotune(_union(_fwd_configs), key=_TUNE_KEY + ["STATS", "IS_FP64", "PRECISION"],
+                            prune_configs_by={"early_config_prune": _dtype_prune(_fwd_configs)})(
+            _anomaly_attention_fwd_kernel),
+        fwd_small=triton.autotune(_fwd_small_configs(64) + _fwd_small_configs(128),
+                                  key=_TUNE_KEY + ["STATS", "IS_FP64", "PRECISION"],
+                                  prune_configs_by={"early_config_prune": _small_prune})(
+            _anomaly_attention_fwd_small_kernel),
+        # reset_to_zero: the autotuner launches each config several times, and DQ accumulates. The launcher must
+        # therefore never pass, as DQ, a buffer that is also another argument (tests/test_kernels_launch_args.py).
+        bwd=triton.autotune(_union(_bwd_configs),
+                            key=_TUNE_KEY + ["HAS_DO", "HAS_WS", "DQ_ATOMIC", "IS_FP64", "PRECISION"],
+                            prune_configs_by={"early_config_prune": _dtype_prune(_bwd_configs)},
+                            reset_to_zero=["DQ"])(_anomaly_attention_bwd_kernel),
+        bwd_dq=triton.autotune(_bwd_dq_configs(), key=_TUNE_KEY + ["HAS_DO", "HAS_WS", "IS_FP64", "PRECISION"])(
+            _anomaly_attention_bwd_dq_kernel),
+    )
+
+
+_TUNED = {} if INTERPRET else _autotuners()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -462,6 +581,25 @@ if not INTERPRET:
 # autotuner's pick, so CPU tests reach multi-tile, unequal and ragged tilings and GPU tests reach a given config.
 BLOCK_OVERRIDE: tuple[int, int, int] | None = None
 MAX_TOKENS = 1 << 22  # _grid_coords is exact below this
+
+
+SMALL_N = 128  # up to this N the forward takes the single-pass kernel on a GPU (one key tile holds the row)
+
+
+def _small_block_n(n: int) -> int:
+    # 64 at least: the configs are counted (sass_report) at 64 and 128 keys; a shorter row pads to 64.
+    return max(64, next_power_of_2(n))
+
+
+_FLAGS: dict = {}
+
+
+def sigma_flag(device) -> torch.Tensor:
+    """The (1,) int32 flag the forward kernels set, on ``device``, when a row's sigma is not positive and finite."""
+    key = str(device)
+    if key not in _FLAGS:
+        _FLAGS[key] = torch.zeros(1, dtype=torch.int32, device=device)
+    return _FLAGS[key]
 
 
 def _interpret_blocks(n: int) -> int:
@@ -531,17 +669,20 @@ def _anomaly_attention_fwd(q, k, v, sigma, grid_hw, eps, stats, fp32_precision="
     lse, log_z, dis = (_new((B * H, N), q.device, stat) for _ in range(3))
     g_ser, dsig = (_new((B * H, N), q.device, stat) for _ in range(2)) if stats else (dis, dis)  # unused if no STATS
     args = (q, k, v, sigma, _scalars(q.device, stat, d, eps, gw), out, lse, log_z, dis, g_ser, dsig,
-            *_strides(q, k, v, sigma), H, N, gh, gw, d)
+            sigma_flag(q.device), *_strides(q, k, v, sigma), H, N, gh, gw, d, next_power_of_2(B * H))
     meta = dict(BLOCK_D=max(16, next_power_of_2(d)), BLOCK_G=min(64, max(16, next_power_of_2(max(gh, gw)))),
                 STATS=stats, IS_FP64=q.dtype == torch.float64, FAST=_fast_math(q.dtype),
                 PRECISION=_dot_precision(q.dtype, fp32_precision))
     fixed = _fixed_blocks(N)
     if fixed:
         bm, bn, warps = fixed
-        _anomaly_attention_fwd_kernel[(B * H, triton.cdiv(N, bm))](*args, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
-                                                                   **meta)
+        kernel = _anomaly_attention_fwd_small_kernel if bn >= N else _anomaly_attention_fwd_kernel
+        kernel[(B * H, triton.cdiv(N, bm))](*args, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, **meta)
+    elif N <= SMALL_N and meta["PRECISION"] == "tf32":  # IEEE float32 dots spill 40 KB in one pass (sass_report)
+        _TUNED["fwd_small"][lambda c: (B * H, triton.cdiv(N, c["BLOCK_M"]))](*args, BLOCK_N=_small_block_n(N),
+                                                                             **meta)
     else:
-        _fwd_tuned[lambda c: (B * H, triton.cdiv(N, c["BLOCK_M"]))](*args, **meta)
+        _TUNED["fwd"][lambda c: (B * H, triton.cdiv(N, c["BLOCK_M"]))](*args, **meta)
     return out, lse, log_z, dis, g_ser, dsig
 
 
@@ -555,9 +696,9 @@ def _anomaly_attention_bwd(q, k, v, sigma, grid_hw, eps, lse, log_z, delta, do, 
     B, H, N, d = q.shape
     stat = lse.dtype
     has_do, has_ws = do is not None, ws is not None
-    dummy = lse  # never read when the matching HAS_* flag is off
+    dummy = lse  # DO, WS: never read when the matching HAS_* flag is off
     scal = _scalars(q.device, stat, d, eps, grid_hw[1])
-    common = (*_strides(q, k, v, sigma), H, N, grid_hw[1], d)
+    common = (*_strides(q, k, v, sigma), H, N, grid_hw[1], d, next_power_of_2(B * H))
     meta = dict(BLOCK_D=max(16, next_power_of_2(d)), HAS_DO=has_do, HAS_WS=has_ws,
                 IS_FP64=q.dtype == torch.float64, FAST=_fast_math(q.dtype),
                 PRECISION=_dot_precision(q.dtype, fp32_precision))
@@ -568,14 +709,16 @@ def _anomaly_attention_bwd(q, k, v, sigma, grid_hw, eps, lse, log_z, delta, do, 
     dq = dk = dv = None
     if need_dkdv or atomic:
         dk, dv = _new(q.shape, q.device, q.dtype), _new(q.shape, q.device, q.dtype)
-        dq_acc = torch.zeros(q.shape, device=q.device, dtype=stat) if atomic else dummy
+        # Without atomics DQ is never read or written, but the autotuner still zeroes it (reset_to_zero) before each
+        # timed launch: it gets a buffer of its own, never one the kernel reads (lse once was, and was zeroed).
+        dq_acc = torch.zeros(q.shape if atomic else (1,), device=q.device, dtype=stat)
         args = (q, k, v, sigma, scal, do_arg, lse, log_z, delta, ws_arg, dq_acc, dk, dv, *common)
         if fixed:
             bm, bn, warps = fixed
             _anomaly_attention_bwd_kernel[(B * H, triton.cdiv(N, bn))](*args, BLOCK_M=bm, BLOCK_N=bn, DQ_ATOMIC=atomic,
                                                                        num_warps=warps, **meta)
         else:
-            _bwd_tuned[lambda c: (B * H, triton.cdiv(N, c["BLOCK_N"]))](*args, DQ_ATOMIC=atomic, **meta)
+            _TUNED["bwd"][lambda c: (B * H, triton.cdiv(N, c["BLOCK_N"]))](*args, DQ_ATOMIC=atomic, **meta)
         if atomic:
             dq = dq_acc.to(q.dtype)
     if need_dq and deterministic:
@@ -586,7 +729,7 @@ def _anomaly_attention_bwd(q, k, v, sigma, grid_hw, eps, lse, log_z, delta, do, 
             _anomaly_attention_bwd_dq_kernel[(B * H, triton.cdiv(N, bm))](*args, BLOCK_M=bm, BLOCK_N=bn,
                                                                           num_warps=warps, **meta)
         else:
-            _bwd_dq_tuned[lambda c: (B * H, triton.cdiv(N, c["BLOCK_M"]))](*args, **meta)
+            _TUNED["bwd_dq"][lambda c: (B * H, triton.cdiv(N, c["BLOCK_M"]))](*args, **meta)
     return dq, dk, dv
 
 
@@ -665,6 +808,20 @@ def anomaly_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sigma: 
     return AnomalyAttentionFunction.apply(q, k, v, sigma, grid, float(eps), fp32_precision)
 
 
+def sass_goal_args():
+    """[(label, integer arguments by name)] at the goal shapes, for ``sass_report --specialise``: B=32, H=8, d=64 at
+    N = 196 and 784, B=4 at N = 3136, and the ViT models' B=8, N = 64 (the small-N path); contiguous inputs."""
+    out = []
+    for B, H, (gh, gw), d in ((8, 8, (8, 8), 64), (32, 8, (14, 14), 64), (32, 8, (28, 28), 64),
+                              (4, 8, (56, 56), 64)):
+        N = gh * gw
+        ints = dict(H=H, N=N, GH=gh, GW=gw, D_HEAD=d, GRID_BH=next_power_of_2(B * H), ssb=H * N, ssh=N, ssn=1)
+        for t in "qkv":
+            ints.update(zip([f"s{t}b", f"s{t}h", f"s{t}n", f"s{t}d"], (H * N * d, N * d, d, 1)))
+        out.append((f"N={N}", ints))
+    return out
+
+
 def sass_variants(dtype: str, variant):
     """Every variant the GPU launchers can pick, for ``python -m kernels.bench.sass_report`` (``dtype`` as Triton
     names it: bf16, fp16, fp32, fp64). Inner loops are listed in code order with the elements one iteration covers.
@@ -682,8 +839,18 @@ def sass_variants(dtype: str, variant):
                                     PRECISION=prec),
                                cfg.num_warps, cfg.num_stages,
                                [("sweep1", bm * bn), ("logZ_rows", None), ("logZ_cols", None), ("sweep2", bm * bn)],
-                               stat=stat, counted=stats))
-    for cfg in _bwd_configs():
+                               stat=stat, int_ptrs={"FLAG"}, counted=stats, n_range=(SMALL_N + 1, float("inf"))))
+    for bn in (64, 128):  # the single-pass forward at N = 64 (the ViT models) and its largest row
+        for cfg in _fwd_small_configs(bn):
+            for stats in (True, False):
+                out.append(variant("anomaly_attention", "fwd", _anomaly_attention_fwd_small_kernel, dtype,
+                                   dict(cfg.kwargs, BLOCK_N=bn, BLOCK_D=64, BLOCK_G=16, STATS=stats, IS_FP64=fp64,
+                                        FAST=not fp64, PRECISION=prec),
+                                   cfg.num_warps, cfg.num_stages, [("logZ_rows", None), ("logZ_cols", None)],
+                                   stat=stat, int_ptrs={"FLAG"}, counted=stats,
+                                   n_range=(1 if bn == 64 else bn // 2 + 1, bn),
+                                   straight=cfg.kwargs["BLOCK_M"] * bn))
+    for cfg in _bwd_configs(fp32=dtype == "fp32"):
         bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
         for has_do, has_ws in ((True, True), (True, False), (False, True)):
             flags = dict(BLOCK_D=64, HAS_DO=has_do, HAS_WS=has_ws, IS_FP64=fp64, FAST=not fp64, PRECISION=prec)

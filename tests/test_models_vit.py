@@ -374,3 +374,65 @@ def test_code_image_score_keeps_the_ssim_sign_bug():
     assert torch.allclose(diff, 2 * s - 1, atol=1e-5)
     advit = _model("advit", image_score="code").eval()
     assert advit.own_image_score and advit.predict(images).pred_score.shape == (3,)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Mixed precision and the fused attention's settings
+# --------------------------------------------------------------------------------------------------------------------
+def test_sigma_is_float32_and_positive_under_bf16_autocast():
+    """Under autocast σ = 3^(sigmoid(5 raw) + 1e-5) - 1 computed in bfloat16 rounds to 0 for raw below about -1.1
+    (a NaN prior, or the op's ValueError on CPU); the model computes it in float32 and the op takes it beside bf16 q."""
+    from adcore.models.vit import AnomalyAttention
+    torch.manual_seed(0)
+    attn = AnomalyAttention(32, 2, (4, 4), backend="torch")
+    with torch.no_grad():
+        attn.sigma_proj.bias.fill_(-3.0)  # raw ≈ -3: σ ≈ 3e-7·ln 3 in float32, exactly 0 in bfloat16
+    seen = {}
+    attn.register_forward_hook(lambda m, i, o: seen.update(dis=o[1][0]))
+    from adcore import ops
+    real = ops.anomaly_attention
+
+    def spy(q, k, v, sigma, *args, **kwargs):
+        seen.update(q=q.dtype, sigma=sigma)
+        return real(q, k, v, sigma, *args, **kwargs)
+
+    x = torch.randn(2, 16, 32)
+    with pytest.MonkeyPatch.context() as mp, torch.autocast("cpu", dtype=torch.bfloat16):
+        mp.setattr(ops, "anomaly_attention", spy)
+        out, _ = attn(x)
+    assert seen["q"] == torch.bfloat16 and seen["sigma"].dtype == torch.float32
+    assert (seen["sigma"] > 0).all() and torch.isfinite(seen["sigma"]).all()
+    assert torch.isfinite(seen["dis"]).all() and torch.isfinite(out).all()
+
+
+def test_advit_trains_a_step_under_bf16_autocast():
+    model = _model("advit")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model.training_step(_images(2), model.stages[0])["loss"]
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_fp32_precision_reaches_every_anomaly_attention():
+    model = _model("advit", fp32_precision="ieee")
+    layers = [b.attn for b in model.encoder.blocks]
+    assert layers and all(a.fp32_precision == "ieee" for a in layers)
+    assert all(b.attn.fp32_precision == "tf32" for b in _model("advit").encoder.blocks)
+    with pytest.raises(ValueError, match="fp32_precision"):
+        _model("advit", fp32_precision="fp16")
+
+
+def test_set_deterministic_sets_what_the_fused_backward_follows():
+    from adcore.utils import set_deterministic
+    prev = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
+            torch.backends.cudnn.benchmark)
+    try:
+        set_deterministic(True)
+        assert torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.deterministic
+        assert not torch.backends.cudnn.benchmark
+        set_deterministic(False)
+        assert not torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.deterministic
+    finally:
+        torch.use_deterministic_algorithms(prev[0])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = prev[1], prev[2]

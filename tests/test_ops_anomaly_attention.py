@@ -325,3 +325,35 @@ def test_minimax_training_steps_match_between_backends(dev):
             losses[backend].append((rec.item(), dis_s.mean().item()))
     torch.testing.assert_close(torch.tensor(losses["triton"]), torch.tensor(losses["torch"]), rtol=1e-4, atol=1e-5)
     assert abs(losses["torch"][-1][1] - losses["torch"][0][1]) > 1e-2  # the steps did move the discrepancy
+
+
+def test_float32_sigma_beside_half_q_is_accepted_and_nothing_else_mixes():
+    """Models compute σ in float32 under autocast; the op takes it beside bfloat16/float16 q, not other mixes."""
+    from kernels._utils import check_anomaly_attention_inputs
+    q, k, v, sigma = make_inputs(1, 1, (2, 3), 4)
+    for half in (torch.bfloat16, torch.float16):
+        check_anomaly_attention_inputs(q.to(half), k.to(half), v.to(half), sigma, (2, 3))
+    out, dis, _ = ops.anomaly_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), sigma, (2, 3), backend="torch")
+    assert out.dtype == torch.bfloat16 and torch.isfinite(dis).all()
+    with pytest.raises(ValueError, match="sigma has dtype"):
+        check_anomaly_attention_inputs(q, k, v, sigma.half(), (2, 3))
+    with pytest.raises(ValueError, match="sigma has dtype"):
+        check_anomaly_attention_inputs(q.double(), k.double(), v.double(), sigma, (2, 3))
+
+
+@pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning", "ignore:overflow:RuntimeWarning",
+                            "ignore:invalid value:RuntimeWarning")
+@pytest.mark.parametrize("grid", [(3, 4), (12, 12)], ids=["single_pass", "two_sweep"])
+def test_bad_sigma_sets_the_device_flag_once(dev, grid):
+    """What a GPU run relies on instead of a host check per call: the kernel flags a bad σ, check_sigma_flag raises
+    once and clears it, and a good call leaves it clear."""
+    import kernels.anomaly_attention as aa
+    q, k, v, sigma = make_inputs(1, 1, grid, 4, device=dev)
+    ops.check_sigma_flag(dev)  # clear anything an earlier test left
+    aa.AnomalyAttentionFunction.apply(q, k, v, sigma, grid, 1e-4, "ieee")
+    ops.check_sigma_flag(dev)  # a good sigma: no flag
+    sigma[0, 0, 1] = -1.0
+    aa.AnomalyAttentionFunction.apply(q, k, v, sigma, grid, 1e-4, "ieee")
+    with pytest.raises(ValueError, match="not positive and finite"):
+        ops.check_sigma_flag(dev)
+    ops.check_sigma_flag(dev)  # cleared

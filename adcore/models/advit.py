@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import ops
 from ..recipes import Recipe
 from ..registry import register_model
 from ..types import AnomalyOutput
@@ -107,6 +108,8 @@ class ADViT(VTADL):
         # Equal values, different gradient routes: −k·series maximises over q, k; +k·prior minimises over σ.
         out["loss"] = out["loss"] - self.minimax_weight * series_loss + self.minimax_weight * prior_loss
         out["assoc"] = series_loss.detach()
+        if images.device.type == "cuda":  # one 4-byte read per step: the loop waits for the loss right after anyway
+            ops.check_sigma_flag(images.device)
         return out
 
     @torch.no_grad()

@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from timm.layers import Attention, Mlp, PatchEmbed, trunc_normal_
 from torch import nn
 
+from kernels._utils import check_fp32_precision
+
 
 # --------------------------------------------------------------------------------------------------------------------
 # SSIM
@@ -100,14 +102,16 @@ class AnomalyAttention(nn.Module):
     """
 
     def __init__(self, dim: int, num_heads: int, grid_hw: tuple[int, int], *, sigma_scale: float = 1.0,
-                 backend: str = "auto"):
+                 backend: str = "auto", fp32_precision: str = "tf32"):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"embed_dim ({dim}) must be divisible by num_heads ({num_heads})")
+        check_fp32_precision(fp32_precision)
         self.num_heads = num_heads
         self.grid_hw = tuple(grid_hw)
         self.sigma_scale = sigma_scale
         self.backend = backend
+        self.fp32_precision = fp32_precision
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)  # bias-free like VT-ADL's lucidrains-style attention
         self.sigma_proj = nn.Linear(dim, num_heads)
         self.proj = nn.Linear(dim, dim)
@@ -121,8 +125,16 @@ class AnomalyAttention(nn.Module):
             raise ValueError(f"anomaly attention needs one token per grid cell: got {n} tokens for grid "
                              f"{self.grid_hw}")
         q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
-        sigma = prior_sigma(self.sigma_proj(x), self.sigma_scale).transpose(1, 2)  # (B, nh, N)
-        out, dis_series, dis_prior = ops.anomaly_attention(q, k, v, sigma, self.grid_hw, backend=self.backend)
+        # σ always in float32: under autocast a bfloat16 sigmoid rounds 3^(...) - 1 to 0 for raw values below about
+        # -1.1 (a NaN prior), and on CUDA pow would come out float32 beside half q anyway. The op takes it so.
+        if torch.is_autocast_enabled(x.device.type):
+            with torch.autocast(x.device.type, enabled=False):
+                sigma = prior_sigma(self.sigma_proj(x.float()), self.sigma_scale)
+        else:
+            sigma = prior_sigma(self.sigma_proj(x).float(), self.sigma_scale)
+        sigma = sigma.transpose(1, 2)  # (B, nh, N) float32
+        out, dis_series, dis_prior = ops.anomaly_attention(q, k, v, sigma, self.grid_hw, backend=self.backend,
+                                                           fp32_precision=self.fp32_precision)
         return self.proj(out.transpose(1, 2).reshape(b, n, d)), (dis_series, dis_prior)
 
 
@@ -130,13 +142,15 @@ class Block(nn.Module):
     """Pre-norm transformer block: x + Attn(LN(x)), then x + MLP(LN(x)) (GELU), no dropout."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 2.0, *, attention: str = "plain",
-                 grid_hw: tuple[int, int] | None = None, sigma_scale: float = 1.0, backend: str = "auto"):
+                 grid_hw: tuple[int, int] | None = None, sigma_scale: float = 1.0, backend: str = "auto",
+                 fp32_precision: str = "tf32"):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
         if attention == "plain":
             self.attn = Attention(dim, num_heads=num_heads, qkv_bias=False)
         elif attention == "anomaly":
-            self.attn = AnomalyAttention(dim, num_heads, grid_hw, sigma_scale=sigma_scale, backend=backend)
+            self.attn = AnomalyAttention(dim, num_heads, grid_hw, sigma_scale=sigma_scale, backend=backend,
+                                         fp32_precision=fp32_precision)
         else:
             raise ValueError(f"attention must be 'plain' or 'anomaly', got {attention!r}")
         self.attention = attention
@@ -167,11 +181,13 @@ class ViTEncoder(nn.Module):
             whose grid prior has no place for it.
         final_norm: a LayerNorm on the output tokens (VT-ADL has none).
         backend: ``adcore.ops`` backend for anomaly attention.
+        fp32_precision: float32 dots of the fused anomaly attention on a GPU, ``"tf32"`` or ``"ieee"`` (see
+            :func:`adcore.ops.anomaly_attention`).
     """
 
     def __init__(self, image_size: int = 64, patch_size: int = 8, embed_dim: int = 128, depth: int = 4,
                  num_heads: int = 4, mlp_ratio: float = 2.0, *, attention: str = "plain", class_token: bool = False,
-                 final_norm: bool = False, backend: str = "auto"):
+                 final_norm: bool = False, backend: str = "auto", fp32_precision: str = "tf32"):
         super().__init__()
         for name, value in (("image_size", image_size), ("patch_size", patch_size), ("embed_dim", embed_dim),
                             ("depth", depth), ("num_heads", num_heads)):
@@ -190,7 +206,8 @@ class ViTEncoder(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, self.num_patches + int(class_token), embed_dim))
         sigma_scale = max(1.0, max(self.grid_hw) / 8)
         self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, attention=attention, grid_hw=self.grid_hw,
-                                          sigma_scale=sigma_scale, backend=backend) for _ in range(depth))
+                                          sigma_scale=sigma_scale, backend=backend, fp32_precision=fp32_precision)
+                                    for _ in range(depth))
         self.norm = nn.LayerNorm(embed_dim) if final_norm else nn.Identity()
         trunc_normal_(self.pos_embed, std=0.02)
         if self.cls_token is not None:
@@ -310,6 +327,8 @@ class MDNHead(nn.Module):
         k, d = self.num_components, self.dim
         if self.conditional:
             logits, mu, log_var = logits.reshape(-1, k), mu.reshape(-1, k, d), log_var.reshape(-1, k, d)
+        # Under autocast the head's Linear outputs are half while x (a residual sum) is float32: one dtype for the op.
+        logits, mu, log_var = (t.to(x.dtype) for t in (logits, mu, log_var))
         out = ops.mdn_nll(x.reshape(-1, d), logits, mu, log_var, mode=mode, backend=backend)
         return out.view(x.shape[:-1])
 

@@ -92,6 +92,9 @@ class VTADL(AnomalyModel):
             max-patch NLL, the code's score with its SSIM sign fixed) or ``"code"`` (MSE + SSIM + max-patch NLL, as
             the code computes it).
         backend: ``adcore.ops`` backend, ``"auto"`` or ``"torch"``.
+        fp32_precision: float32 dots of the fused anomaly attention on a GPU: ``"tf32"`` (the default, tensor cores)
+            or ``"ieee"`` (exact, slower; see :func:`adcore.ops.anomaly_attention`). Only models with anomaly
+            attention (ADViT) use it.
     """
 
     attention = "plain"
@@ -111,14 +114,15 @@ class VTADL(AnomalyModel):
                  mdn_mode: str = "vtadl", mdn_conditional: bool = True, noise_std: float = 0.2,
                  recon_weight: float = 5.0, ssim_weight: float = 0.5, mdn_weight: float = 1.0,
                  weight_decay: float = 1e-4, decoder_width: int = 64, image_score: str = "map",
-                 backend: str = "auto"):
+                 backend: str = "auto", fp32_precision: str = "tf32"):
         super().__init__()
         check_choice("mdn_mode", mdn_mode, MDN_MODES)
         check_choice("image_score", image_score, IMAGE_SCORES)
         if noise_std < 0:
             raise ValueError(f"noise_std must be >= 0, got {noise_std!r}")
         self.encoder = ViTEncoder(image_size, patch_size, embed_dim, depth, num_heads, mlp_ratio,
-                                  attention=self.attention, class_token=self.class_token, backend=backend)
+                                  attention=self.attention, class_token=self.class_token, backend=backend,
+                                  fp32_precision=fp32_precision)
         gh, gw = self.encoder.grid_hw
         n = gh * gw
         if latent_dim % n:

@@ -5,22 +5,39 @@ import csv
 import datetime
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import torch
 
-RESULTS_CSV = Path(__file__).with_name("results.csv")
-# Long form, one row per (kernel, provider, mode, shape, dtype); the book's kernels chapter plots from it.
+# ADCORE_RESULTS_CSV redirects the rows (gpu_check.sh --dry-run writes to a scratch file, never this one).
+RESULTS_CSV = Path(os.environ.get("ADCORE_RESULTS_CSV") or Path(__file__).with_name("results.csv"))
+# Long form, one row per (kernel, provider, mode, shape, dtype); the book's kernels chapter plots from it. "check" is
+# a correctness row's outcome ("pass", or "FAIL: ..."), blank for timings.
 FIELDS = ["kernel", "provider", "mode", "shape", "dtype", "median_ms", "speedup_vs_eager", "speedup_vs_compile",
-          "tflops", "bandwidth_gbs", "bandwidth_pct", "peak_mem_mb", "gpu", "triton", "torch", "commit", "date"]
+          "tflops", "bandwidth_gbs", "bandwidth_pct", "peak_mem_mb", "gpu", "triton", "torch", "commit", "date",
+          "check"]
 # Datasheet HBM bandwidth in GB/s, matched against torch.cuda.get_device_name().
 PEAK_BANDWIDTH_GBS = {"H100 80GB HBM3": 3350.0, "H100 SXM": 3350.0, "H100 PCIe": 2000.0, "H200": 4800.0,
                       "A100-SXM4-80GB": 2039.0, "A100-SXM4-40GB": 1555.0}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def require_cuda() -> torch.device:
-    """Refuse clearly unless a CUDA GPU is present and Triton is not being interpreted."""
+def dry_run_requested(argv=None) -> bool:
+    import sys
+    return "--dry-run" in (sys.argv if argv is None else argv)
+
+
+def require_cuda(dry_run: bool = False) -> torch.device:
+    """Refuse clearly unless a CUDA GPU is present and Triton is not being interpreted.
+
+    ``dry_run``: the same code on CPU through Triton's interpreter at tiny shapes (gpu_check.sh --dry-run, run in
+    CI): it checks the scripts, not the kernels' speed, and needs TRITON_INTERPRET=1 before the kernels are imported.
+    """
+    if dry_run:
+        if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+            raise SystemExit("--dry-run runs the kernels through Triton's interpreter: set TRITON_INTERPRET=1")
+        return torch.device("cpu")
     if not torch.cuda.is_available():
         raise SystemExit("these benchmarks need a CUDA GPU; on CPU the kernels only run under Triton's interpreter, "
                          "which measures Python, not the kernels (the tests cover correctness)")
@@ -30,7 +47,7 @@ def require_cuda() -> torch.device:
 
 
 def gpu_name() -> str:
-    return torch.cuda.get_device_name()
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (dry run)"
 
 
 def peak_bandwidth_gbs() -> float | None:
@@ -53,6 +70,14 @@ def commit() -> str:
 def median_ms(fn, grad_to_none=None, warmup=25, rep=100) -> float:
     """Median time of fn() in ms. do_bench clears the L2 cache before every repetition, so inputs that fit in the
     50 MB L2 of an H100 are not timed hot."""
+    if not torch.cuda.is_available():  # dry run: a wall-clock median of a few calls, for the plumbing only
+        fn()
+        times = []
+        for _ in range(3 if warmup else 1):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return sorted(times)[len(times) // 2]
     import triton.testing
     fn()  # compile / autotune outside the timed region
     torch.cuda.synchronize()
@@ -61,7 +86,9 @@ def median_ms(fn, grad_to_none=None, warmup=25, rep=100) -> float:
 
 
 def peak_extra_mb(fn) -> float:
-    """Peak memory fn() allocates beyond what was allocated before it (inputs excluded), in MB."""
+    """Peak memory fn() allocates beyond what was allocated before it (inputs excluded), in MB (None on CPU)."""
+    if not torch.cuda.is_available():
+        return None
     fn()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()

@@ -44,14 +44,17 @@ def make_inputs(B, H, grid, d, dtype, requires_grad):
     return q, k, v, sigma
 
 
-def providers(grid):
+DRY_SHAPES = [(1, 2, (4, 4), 16)]  # --dry-run: interpreter-sized
+
+
+def providers(grid, compile_backend="inductor"):
     """Fresh providers for one case. torch.compile gets a reset dynamo and dynamic=False per case: one compiled
     function reused across shapes, dtypes and grad modes passes dynamo's recompile limit (8) and silently falls back
     to eager, which inflated "x compile" at N = 3136."""
     from adcore import ops
 
     torch._dynamo.reset()
-    compiled = torch.compile(anomaly_attention_ref, dynamic=False, fullgraph=True)
+    compiled = torch.compile(anomaly_attention_ref, dynamic=False, fullgraph=True, backend=compile_backend)
     return {
         "triton": lambda q, k, v, sigma: ops.anomaly_attention(q, k, v, sigma, grid, backend="triton"),
         "eager": lambda q, k, v, sigma: anomaly_attention_ref(q, k, v, sigma, grid),
@@ -123,12 +126,17 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="only the first shape")
     parser.add_argument("--goal", action="store_true", help="only the issue's goal shapes (the first three)")
     parser.add_argument("--no-csv", action="store_true", help="print only")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="CPU through the interpreter at a tiny shape, float32, compile with the eager backend")
     args = parser.parse_args(argv)
-    _common.require_cuda()
+    global DEVICE
+    DEVICE = _common.require_cuda(args.dry_run).type
+    if args.dry_run:
+        args.dtype = ["fp32"]  # the interpreter's bfloat16 dots are wrong (triton#11584)
 
     torch._logging.set_logs(recompiles=True)  # any recompile is printed (and raises while timing)
     rows = []
-    shapes = SHAPES[:1] if args.quick else SHAPES[:3] if args.goal else SHAPES
+    shapes = DRY_SHAPES if args.dry_run else SHAPES[:1] if args.quick else SHAPES[:3] if args.goal else SHAPES
     for B, H, grid, d in shapes:
         N = grid[0] * grid[1]
         shape = f"B={B},H={H},N={N},d={d}"
@@ -143,7 +151,7 @@ def main(argv=None):
                 up_one = [u[:1] for u in upstream]
                 want = reference_results(one, grid, mode, up_one)
                 flops = 4 * B * H * N * N * d * (3.5 if mode == "fwd_bwd" else 1.0)
-                provs = providers(grid)  # per case: a fresh dynamo, one compile per shape, dtype and mode
+                provs = providers(grid, "eager" if args.dry_run else "inductor")  # per case: a fresh dynamo, one compile per shape, dtype and mode
                 results = {}
                 for name, fn in provs.items():
                     if name != "sdpa_out_only":
@@ -164,7 +172,8 @@ def main(argv=None):
                           f"x{row.get('speedup_vs_eager') or float('nan'):.2f} eager  "
                           f"x{row.get('speedup_vs_compile') or float('nan'):.2f} compile", flush=True)
                 del inputs, want, one
-                torch.cuda.empty_cache()
+                if DEVICE == "cuda":
+                    torch.cuda.empty_cache()
     if not args.no_csv:
         _common.append_rows(rows)
         print(f"appended {len(rows)} rows to {_common.RESULTS_CSV}")

@@ -21,11 +21,15 @@ from kernels.reference import mdn_nll_ref
 DEVICE = "cuda"  # the benchmarks refuse to run elsewhere (see _common.require_cuda)
 SHAPES = [  # N, K, D, shared parameters
     (6272, 10, 512, False),
+    (6272, 150, 512, False),  # VT-ADL's paper setting, K = 150
     (512, 10, 512, False),    # VT-ADL: 8 images x 64 patches, launch-bound
     (25088, 10, 512, False),
     (6272, 10, 768, False),
     (6272, 10, 512, True),
 ]
+
+
+DRY_SHAPES = [(37, 3, 40, False)]  # --dry-run: interpreter-sized
 
 
 def make_inputs(N, K, D, shared, dtype, requires_grad):
@@ -52,20 +56,26 @@ def main(argv=None):
     parser.add_argument("--mode", nargs="+", default=["fwd", "fwd_bwd"], choices=["fwd", "fwd_bwd"])
     parser.add_argument("--mdn-mode", default="logsumexp", choices=["logsumexp", "vtadl"])
     parser.add_argument("--quick", action="store_true", help="only the first shape")
-    parser.add_argument("--goal", action="store_true", help="only the goal shape (N=6272, K=10, D=512)")
+    parser.add_argument("--goal", action="store_true", help="only the goal shapes (N=6272, D=512, K=10 and 150)")
     parser.add_argument("--no-csv", action="store_true", help="print only")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="CPU through the interpreter at a tiny shape, float32, compile with the eager backend")
     args = parser.parse_args(argv)
-    _common.require_cuda()
+    global DEVICE
+    DEVICE = _common.require_cuda(args.dry_run).type
+    if args.dry_run:
+        args.dtype = ["fp32"]
     from adcore import ops
 
-    peak = _common.peak_bandwidth_gbs()
-    copy_bw = _common.measured_copy_bandwidth_gbs()
+    peak = _common.peak_bandwidth_gbs() if DEVICE == "cuda" else None
+    copy_bw = _common.measured_copy_bandwidth_gbs() if DEVICE == "cuda" else float("nan")
     print(f"{_common.gpu_name()}: datasheet {peak} GB/s, measured copy {copy_bw:.0f} GB/s")
 
     def providers():
         # Per case: a fresh dynamo and dynamic=False, so no case inherits another's compiles or the recompile limit.
         torch._dynamo.reset()
-        compiled = torch.compile(mdn_nll_ref, dynamic=False, fullgraph=True)
+        compiled = torch.compile(mdn_nll_ref, dynamic=False, fullgraph=True,
+                                 backend="eager" if args.dry_run else "inductor")
         return {
             "triton": lambda *a: ops.mdn_nll(*a, mode=args.mdn_mode, backend="triton"),
             "eager": lambda *a: mdn_nll_ref(*a, mode=args.mdn_mode),
@@ -74,7 +84,8 @@ def main(argv=None):
 
     torch._logging.set_logs(recompiles=True)
     rows = []
-    for N, K, D, shared in SHAPES[:1] if args.quick or args.goal else SHAPES:
+    shapes = DRY_SHAPES if args.dry_run else SHAPES[:1] if args.quick else SHAPES[:2] if args.goal else SHAPES
+    for N, K, D, shared in shapes:
         shape = f"N={N},K={K},D={D}" + (",shared" if shared else "")
         for dtype_name in args.dtype:
             dtype = _common.DTYPES[dtype_name]
@@ -122,7 +133,8 @@ def main(argv=None):
                           f"x{row.get('speedup_vs_eager') or float('nan'):.2f} eager  "
                           f"x{row.get('speedup_vs_compile') or float('nan'):.2f} compile", flush=True)
                 del inputs
-                torch.cuda.empty_cache()
+                if DEVICE == "cuda":
+                    torch.cuda.empty_cache()
     if not args.no_csv:
         _common.append_rows(rows)
         print(f"appended {len(rows)} rows to {_common.RESULTS_CSV}")

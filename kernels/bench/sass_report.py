@@ -7,7 +7,9 @@ and prints, per variant:
 * each inner loop's SASS instructions per element: the loop body's static length (from the back-edge's target to the
   back-edge) times the threads of a program, over the elements one iteration handles (BLOCK_M x BLOCK_N score
   elements for attention, BLOCK_N x BLOCK_D parameter elements for the MDN). Both sides of a branch inside the loop
-  count, so this is the cost of the full path (the zero-prior shortcut's cheap side included);
+  count, so this is the cost of the full path (the zero-prior shortcut's cheap side included). A single-pass kernel
+  (the attention forward for N <= 128) has a "straight" entry instead: all its code outside loops, prologue and
+  epilogue included, over the BLOCK_M x BLOCK_N elements of its one tile;
 * MUFU (exp2, log2, rcp) per element, the special-function unit that bounds the attention;
 * ptxas's registers and spill bytes (stores + loads).
 
@@ -17,11 +19,19 @@ forward (with gradient statistics) plus backward sums for the worst bf16 config 
 their bytes at HBM speed (H100 SXM: 3.35 TB/s; 132 SMs x 128 lanes at 1.83 GHz). Nothing runs, so it says nothing
 about latency hiding; it catches a regression in code size, registers or spills without a GPU. ``--budget N`` and
 ``--no-spills`` turn the bf16 total and any spilling variant into a failing exit status (CI uses both).
+
+``--specialise`` compiles every variant once per goal shape (the kernel modules' ``sass_goal_args``) with the
+argument specialisation a real launch gets: integer arguments equal to 1 become constants and multiples of 16 carry
+``tt.divisibility=16`` (Triton's own rule, ``native_specialize_impl``), pointers are 16-byte aligned. Without it the
+integers are opaque and the count is what any shape gets. ``--triton-venv DIR`` counts under the Triton installed in
+another virtual environment of the same Python (the GPU machine's Triton 3.6, say): the report reruns itself with that
+Triton first on the path and this environment's torch behind it.
 """
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import copy
 import multiprocessing
 import os
 import re
@@ -52,8 +62,13 @@ class Variant:
     loops: list  # [(name, elements per iteration)] of the inner loops in code order; None elements: not per element
     stat: set = field(default_factory=set)  # pointer arguments that hold statistics (fp32, fp64 for fp64 inputs)
     floats: set = field(default_factory=set)  # float scalar arguments
+    int_ptrs: set = field(default_factory=set)  # pointer arguments to int32 (flags)
     counted: bool = True  # part of the fwd+bwd total (the training path)
     result: dict = field(default_factory=dict)
+    ints: dict | None = None  # --specialise: integer argument values at one goal shape, by name
+    shape: str = ""  # the goal shape's label
+    n_range: tuple = (1, float("inf"))  # the token counts N for which the launcher picks this variant
+    straight: int | None = None  # elements a program covers with code outside loops (a single-pass kernel)
 
     @property
     def config(self):
@@ -64,7 +79,7 @@ class Variant:
 
     @property
     def flags(self):
-        return " ".join(f"{k}" for k, v in self.consts.items() if v is True)
+        return " ".join([f"{k}" for k, v in self.consts.items() if v is True] + ([self.shape] if self.shape else []))
 
 
 def _tool(name):
@@ -85,12 +100,33 @@ def _signature(v):
         if name in v.consts:
             sig[name] = "constexpr"
         elif leading:
-            sig[name] = "*" + (stat if name in v.stat else v.dtype)
+            sig[name] = "*i32" if name in v.int_ptrs else "*" + (stat if name in v.stat else v.dtype)
         elif name in v.floats:
             sig[name] = stat
         else:
             sig[name] = "i32"
     return sig
+
+
+def _specialised(v, sig):
+    """(signature, constexprs, attrs) as a launch with the integer arguments v.ints would compile them."""
+    consts, attrs = dict(v.consts), {}
+    if v.ints is None:
+        return sig, consts, attrs
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.nvidia.compiler import CUDABackend
+    sig = dict(sig)
+    fixed = {p.name for p in v.fn.params if p.do_not_specialize}
+    for i, name in enumerate(v.fn.arg_names):
+        if sig[name].startswith("*"):
+            attrs[(i,)] = CUDABackend.parse_attr("D")  # torch's allocations are 256-byte aligned
+        elif name in v.ints and name not in fixed and sig[name] == "i32":
+            kind, key = native_specialize_impl(CUDABackend, int(v.ints[name]), False, True, True)
+            if kind == "constexpr":
+                sig[name], consts[name] = "constexpr", int(v.ints[name])
+            elif key:
+                attrs[(i,)] = CUDABackend.parse_attr(key)
+    return sig, consts, attrs
 
 
 _LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?);")
@@ -126,7 +162,9 @@ def inner_loops(sass: str):
             loops.append((labels[b.group(1)], addr))
     inner = [lp for lp in loops if not any(o != lp and lp[0] <= o[0] and o[1] <= lp[1] for o in loops)]
     inner.sort()
-    return [(s, e, [t for a, t in instrs if s <= a <= e]) for s, e in inner]
+    straight = [t for a, t in instrs if (last_exit is None or a <= last_exit)
+                and not any(s <= a <= e for s, e in loops)]
+    return [(s, e, [t for a, t in instrs if s <= a <= e]) for s, e in inner], straight
 
 
 _TODO: list = []  # filled before the worker processes fork; they compile _TODO[i]
@@ -139,7 +177,8 @@ def _compile_one(i: int) -> Variant:
 
     v = _TODO[i]
     t0 = time.time()
-    src = ASTSource(fn=v.fn, signature=_signature(v), constexprs=v.consts)
+    sig, consts, attrs = _specialised(v, _signature(v))
+    src = ASTSource(fn=v.fn, signature=sig, constexprs=consts, attrs=attrs)
     kernel = triton.compile(src, target=GPUTarget("cuda", ARCH, 32),
                             options={"num_warps": v.num_warps, "num_stages": v.num_stages})
     with tempfile.TemporaryDirectory() as tmp:
@@ -153,10 +192,13 @@ def _compile_one(i: int) -> Variant:
     stores = re.search(r"(\d+) bytes spill stores", info)
     loads = re.search(r"(\d+) bytes spill loads", info)
     threads = 32 * v.num_warps
-    loops = inner_loops(sass)
+    loops, straight = inner_loops(sass)
     names = v.loops if len(loops) == len(v.loops) else [(f"loop{i}", None) for i in range(len(loops))]
+    bodies = [body for _, _, body in loops]
+    if v.straight:  # a loop-free kernel: its code outside loops, once per program of v.straight elements
+        names, bodies = names + [("straight", v.straight)], bodies + [straight]
     per_loop = []
-    for (name, elems), (_, _, body) in zip(names, loops):
+    for (name, elems), body in zip(names, bodies):
         n, mufu = len(body), sum("MUFU." in t for t in body)
         per_loop.append(dict(name=name, instr=n, per_elem=None if elems is None else n * threads / elems,
                              mufu_per_elem=None if elems is None else mufu * threads / elems,
@@ -171,15 +213,43 @@ def _compile_one(i: int) -> Variant:
     return v
 
 
-def variants(dtypes):
-    """Every kernel variant the launchers can pick on a GPU, from the kernel modules' own config lists."""
+def variants(dtypes, specialise=False):
+    """Every kernel variant the launchers can pick on a GPU, from the kernel modules' own config lists; with
+    ``specialise``, one copy per goal shape carrying that shape's integer arguments."""
     import kernels.anomaly_attention as aa
     import kernels.mdn_nll as mn
     out = []
-    for dt in dtypes:
-        out += aa.sass_variants(dt, Variant)
-        out += mn.sass_variants(dt, Variant)
+    for mod in (aa, mn):
+        found = [v for dt in dtypes for v in mod.sass_variants(dt, Variant)]
+        if not specialise:
+            out += found
+            continue
+        for label, ints in mod.sass_goal_args():
+            for v in found:
+                if v.n_range[0] <= ints["N"] <= v.n_range[1]:
+                    w = copy.copy(v)
+                    w.ints, w.shape = ints, label
+                    out.append(w)
     return out
+
+
+def _site_packages(venv: Path) -> Path:
+    found = sorted(venv.glob(f"lib/python{sys.version_info[0]}.{sys.version_info[1]}/site-packages"))
+    if not found or not (found[0] / "triton").is_dir():
+        others = sorted(p.parent.name for p in venv.glob("lib/python*/site-packages/triton"))
+        raise SystemExit(f"{venv} has no Triton for Python {sys.version_info[0]}.{sys.version_info[1]}"
+                         + (f" (it has one for {', '.join(others)}: run this report with that Python)" if others
+                            else "; create it with: python3 -m venv DIR && DIR/bin/pip install 'triton==3.6.*'"))
+    return found[0]
+
+
+def _rerun_under(venv: str, argv: list) -> int:
+    """Run this report again with the Triton of ``venv`` first on the path (torch and numpy still come from here)."""
+    site = _site_packages(Path(venv).resolve())
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(site), str(root)] + [p for p in sys.path if p]),
+               ADCORE_SASS_TRITON=str(site))
+    return subprocess.run([sys.executable, "-m", "kernels.bench.sass_report", *argv], env=env).returncode
 
 
 def _fmt(x, width=6):
@@ -205,22 +275,28 @@ def _per_elem(v):
     return sum(lp["per_elem"] or 0 for lp in v.result["loops"])
 
 
+def _worst_total(variants):
+    """The fwd+bwd total of the worst counted variant of each part (fwd, bwd), and those variants."""
+    worst = {}
+    for v in variants:
+        if v.counted and (v.part not in worst or _per_elem(v) > _per_elem(worst[v.part])):
+            worst[v.part] = v
+    return sum(_per_elem(v) for v in worst.values()), list(worst.values())
+
+
 def _summary(op, done, out):
-    """Print the fwd+bwd line(s) of one op; return the bf16 (instructions per element, spill bytes) or None."""
+    """Print the fwd+bwd line(s) of one op; return the bf16 (instructions per element, spill bytes) or None.
+
+    The total takes the worst config the autotuner may pick at any N. Where some variants serve only a range of N
+    (the attention's single-pass forward for N <= 128), an indented line gives that range's total too."""
     result = None
     for dt in sorted({v.dtype for v in done if v.op == op}):
-        worst = {}
-        for v in done:
-            if v.op == op and v.dtype == dt and v.counted:
-                key = (v.part, v.fn)
-                cur = worst.get(key)
-                if cur is None or _per_elem(v) > _per_elem(cur):
-                    worst[key] = v
+        mine = [v for v in done if v.op == op and v.dtype == dt]
+        total, worst = _worst_total(mine)
         if not worst:
             continue
-        total = sum(_per_elem(v) for v in worst.values())
-        spill = max(v.result["spill"] for v in done if v.op == op and v.dtype == dt)
-        regs = max(v.result["regs"] for v in done if v.op == op and v.dtype == dt)
+        spill = max(v.result["spill"] for v in mine)
+        regs = max(v.result["regs"] for v in mine)
         unit = "score element" if op == "anomaly_attention" else "parameter element"
         extra = ""
         if op == "mdn_nll":
@@ -235,6 +311,11 @@ def _summary(op, done, out):
             result = total, spill
         else:
             print(f"  [{dt}] " + line + f" (max {regs} registers){extra}", file=out)
+        for lo, hi in sorted({v.n_range for v in mine} - {(1, float("inf"))}):
+            scoped = [v for v in mine if v.n_range[0] <= lo and hi <= v.n_range[1]]
+            sub, _ = _worst_total(scoped)
+            print(f"  [{dt}, {lo} <= N <= {hi}] {op} fwd+bwd: {sub:.0f} instructions per {unit}, "
+                  f"{max(v.result['spill'] for v in scoped)} spill bytes", file=out)
     return result
 
 
@@ -246,12 +327,33 @@ def main(argv=None):
                         help="exit 1 when anomaly_attention's bf16 fwd+bwd instructions per element exceed this")
     parser.add_argument("--no-spills", action="store_true", help="exit 1 when any variant spills")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles")
+    parser.add_argument("--fp32-precision", choices=["tf32", "ieee"], default="tf32",
+                        help="the float32 attention variants' dots (ieee: counted and reported, outside the budget, "
+                             "which covers bf16)")
+    parser.add_argument("--specialise", action="store_true",
+                        help="compile at the goal shapes with a real launch's argument specialisation")
+    parser.add_argument("--triton-venv", metavar="DIR", default=None,
+                        help="count under the Triton installed in this virtual environment (same Python)")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0").strip().lower() not in ("", "0", "false", "no", "off"):
         raise SystemExit("unset TRITON_INTERPRET: the report compiles for a GPU")
+    if args.triton_venv:
+        argv = list(sys.argv[1:] if argv is None else argv)
+        i = argv.index("--triton-venv") if "--triton-venv" in argv else None
+        rest = argv[:i] + argv[i + 2:] if i is not None else [a for a in argv if not a.startswith("--triton-venv=")]
+        raise SystemExit(_rerun_under(args.triton_venv, rest))
+    import triton
+    want = os.environ.get("ADCORE_SASS_TRITON")
+    if want and not Path(triton.__file__).resolve().is_relative_to(Path(want).resolve()):
+        raise SystemExit(f"asked for the Triton in {want} but imported {triton.__file__}")
+    print(f"Triton {triton.__version__} ({Path(triton.__file__).parent}); float32 dots {args.fp32_precision}"
+          + (", specialised at the goal shapes" if args.specialise else ""))
     with tempfile.TemporaryDirectory(prefix="adcore-sass-") as cache:
         os.environ["TRITON_CACHE_DIR"] = cache  # a fresh compile every run: never a stale cubin
-        _TODO[:] = [v for v in variants(args.dtype) if args.match in v.fn.__name__]
+        _TODO[:] = [v for v in variants(args.dtype, args.specialise) if args.match in v.fn.__name__]
+        for v in _TODO:
+            if v.dtype == "fp32" and v.consts.get("PRECISION") == "tf32":
+                v.consts = dict(v.consts, PRECISION=args.fp32_precision)
         t0 = time.time()
         ctx = multiprocessing.get_context("fork")
         with concurrent.futures.ProcessPoolExecutor(max(1, args.jobs), mp_context=ctx) as pool:
