@@ -1,16 +1,28 @@
-"""Suite-wide set-up that must happen before any test module is imported."""
+"""Suite-wide set-up that must happen before any test module is imported, and the shared fake MVTec AD fixtures.
+
+The suite runs on pytest-xdist workers (``make test``: ``-n 2``). Session fixtures run once per worker; anything
+they write goes under that worker's own ``tmp_path_factory`` folder, except the one file both may share (the fake
+weights), which is written once under a lock.
+"""
 import os
+from pathlib import Path
 
 import pytest
 import torch
+from filelock import FileLock
+
+from adcore.data import make_fake_mvtec, make_fake_weights
 
 # Triton reads TRITON_INTERPRET when a kernel is *defined*, i.e. when `kernels` is first imported — possibly by a model
 # test collected before the kernel tests. Without a GPU every Triton path in the suite runs on the interpreter.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-# Two cores in CI: more threads than cores only adds contention.
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# Two cores in CI: more threads than cores only adds contention, and each xdist worker gets its share of them.
+torch.set_num_threads(max(1, min(2, torch.get_num_threads()) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", 1))))
+
+#: The two categories of ``fake_mvtec_tree``: an object and a texture, so that both MVTec AD means have a row.
+FAKE_CATEGORIES = ("bottle", "carpet")
 
 
 @pytest.fixture(scope="module")
@@ -24,3 +36,38 @@ def dev():
     if torch.cuda.is_available():
         return torch.device("cuda")
     pytest.skip("no CUDA device and the kernels were decorated without TRITON_INTERPRET=1")
+
+
+@pytest.fixture(scope="session")
+def fake_mvtec_factory(tmp_path_factory):
+    """``tree(categories, **make_fake_mvtec_kwargs) -> root``: make_fake_mvtec, written once per session and worker
+    for each distinct set of arguments. The trees are shared: a test that changes files must write its own."""
+    made = {}
+
+    def tree(categories=FAKE_CATEGORIES, **kwargs) -> Path:
+        key = (tuple([categories] if isinstance(categories, str) else categories), tuple(sorted(kwargs.items())))
+        if key not in made:
+            made[key] = make_fake_mvtec(tmp_path_factory.mktemp("fake_mvtec"), key[0], **kwargs)
+        return made[key]
+
+    return tree
+
+
+@pytest.fixture(scope="session")
+def fake_mvtec_tree(fake_mvtec_factory) -> Path:
+    """A fake MVTec AD root with ``FAKE_CATEGORIES`` at 64 px: 8 train, 3 good and 3 defective test images each."""
+    return fake_mvtec_factory(FAKE_CATEGORIES, image_size=64, n_train=8, n_test=3)
+
+
+@pytest.fixture(scope="session")
+def fake_wrn_weights(tmp_path_factory) -> Path:
+    """A randomly initialised torchvision wide_resnet50_2 state dict (276 MB, about 3 s to write), for
+    ``weights_path=``. Under xdist the workers share one file in the run's temporary folder."""
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # <tmp>/pytest-N, above each worker's popen-gwK
+    path = shared / "wide_resnet50_2-fake.pth"
+    with FileLock(str(path) + ".lock"):
+        if not path.is_file():
+            make_fake_weights(path)
+    return path
