@@ -23,6 +23,7 @@ are meaningless; it proves only that the code runs.
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -188,7 +189,8 @@ def make_fake_weights(path: str | os.PathLike, arch: str = "wide_resnet50_2", se
     For tests and offline trials of the DMAD and AAND paper settings: pass the file as ``weights_path=`` wherever
     the ImageNet checkpoint (``wide_resnet50_2-95faca4d.pth``) would go. It loads like the real file, so every check
     that a weights file exists and fits passes, but the features are random: results with it mean nothing.
-    The file is written under a temporary name and renamed into place, so a reader never sees half of it.
+    The file is written aside and renamed into place, so a reader never sees half of it; its bytes are the same for
+    the same (arch, seed, file name).
 
     Raises:
         ValueError: an ``arch`` other than ``"wide_resnet50_2"``, or a negative seed.
@@ -204,9 +206,15 @@ def make_fake_weights(path: str | os.PathLike, arch: str = "wide_resnet50_2", se
     with torch.random.fork_rng(devices=[]):  # leave the caller's global RNG where it was
         torch.manual_seed(seed)
         state = getattr(torchvision.models, arch)(weights=None).state_dict()
-    partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(state, partial)
-    os.replace(partial, path)
+    # torch.save names the archive inside the file after the file, so the temporary file keeps the final name (in a
+    # folder of its own): the bytes then depend only on (arch, seed, file name).
+    partial = path.parent / f".{path.name}.{os.getpid()}.tmp"
+    partial.mkdir()
+    try:
+        torch.save(state, partial / path.name)
+        os.replace(partial / path.name, path)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
     return path
 
 
