@@ -6,8 +6,8 @@ model parameters: ``create_model`` → ``fit`` → ``evaluate``) on a tiny fake 
 weights, so WideResNet-50-2 loads a randomly initialised file (``make_fake_weights``, the session's
 ``fake_wrn_weights``) given as ``weights_path``, as a user gives the real one. What is checked is the output contract,
 not accuracy. Seconds per step (wall), the run's CPU seconds and the process's peak resident memory so far are printed;
-they reach the terminal even without ``-s``. On a shared machine the wall times grow with the load, the CPU
-seconds much less:
+they reach the terminal even without ``-s``, though not from xdist workers (``make test``), so run the module on its
+own to read them. On a shared machine the wall times grow with the load, the CPU seconds much less:
 
     .venv/bin/python -m pytest tests/test_paper_shapes_rd.py -m slow
 """
@@ -113,7 +113,8 @@ def _run_paper_config(notebook: str, mode: str | None, root: Path, weights: Path
     label = notebook + (f" mode={mode}" if mode else "")
     with capsys.disabled():
         print(f"\n[paper shape] {label}: 256 px, batch of 1, wide_resnet50_2 (fake weights), "
-              f"{torch.get_num_threads()} threads: {steps}; fit + evaluate {total:.1f} s wall, {cpu:.1f} s CPU; process peak RSS {peak:.0f} MiB",
+              f"{torch.get_num_threads()} threads: {steps}; fit + evaluate {total:.1f} s wall, {cpu:.1f} s CPU; "
+              f"process peak RSS {peak:.0f} MiB",
               flush=True)
 
 

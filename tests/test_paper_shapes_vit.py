@@ -3,8 +3,9 @@
 No ``paper.yaml`` can be run to the end here (400 epochs at 512 px want a GPU), but every one of them must at least
 build, train and score at the paper's image size and widths. For each of ``notebooks/params/{vt_adl,advit,anovit}/
 paper.yaml`` this test reads a tiny fake MVTec AD carpet at that image size (``adcore.data.make_fake_mvtec``: one
-training batch, two good and two defective test images with masks; vt_adl and advit share the 512-px one), injects the yaml into the notebook's parameters as papermill would, overrides only
-``num_epochs=1``, ``device="cpu"``, ``data_root`` and the output folders, and runs the notebook's own code cells that
+training batch, 2 good and 2 defective test images with masks; one 512-px tree per worker for vt_adl and advit), injects
+the yaml into the notebook's parameters as papermill would, overrides only ``num_epochs=1``, ``device="cpu"``,
+``data_root`` and the output folders, and runs the notebook's own code cells that
 train and evaluate (the parameter check, the main run, and any ablation the yaml switches on: AnoViT's conv AE). It
 asserts the output contract and prints the peak resident memory and the seconds of the optimisation step and of the
 prediction of each run:

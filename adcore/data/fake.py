@@ -11,8 +11,9 @@ where MVTec AD is grey (:data:`adcore.data.mvtec.GREY`), at any size from 8 px::
 Textures are oriented sinusoidal stripes over the whole image; objects are an ellipse (a centred disk for bottle and
 cable, as AAND's foreground rule assumes) on a plain background, bright on dark except capsule, screw and zipper,
 which are dark on light. Every image differs by a small phase shift and pixel noise. A defect is an ellipse that
-covers roughly 1-6 % of the image (inside the object for objects), painted as a flat stain of the opposite extreme or
-a 2-px black-and-white checker (alternating by defect type), so it is plainly visible and exactly where its mask is.
+covers about 1-6 % of the image (inside the object for objects; at least 3 px across, so more at 8-16 px), painted
+as a flat stain of the opposite extreme or a 2-px black-and-white checker (alternating by defect type), so it is
+plainly visible and exactly where its mask is.
 Everything is drawn from ``numpy.random.default_rng([seed, i])``, i the category's index in MVTec AD, so a category's
 images do not depend on which other categories are written.
 
@@ -64,7 +65,7 @@ class _Category:
     """The drawing rules of one category: its stripes, its object (if any) and its random stream."""
 
     def __init__(self, category: str, size: int, seed: int):
-        self.name, self.size = category, size
+        self.size = size
         self.rng = np.random.default_rng([seed, mvtec.CATEGORIES.index(category)])
         self.channels = 1 if category in mvtec.GREY else 3
         self.tint = self.rng.uniform(0.5, 1.0, self.channels)  # (C,) per-channel gain: the category's colour
@@ -74,8 +75,7 @@ class _Category:
         self.dark = category in _DARK_OBJECTS
         disk = category in _DISK_OBJECTS
         self.axes = (0.32, 0.32) if disk else tuple(self.rng.uniform(0.22, 0.38, 2))  # semi-axes / size
-        yy, xx = (np.mgrid[:size, :size] + 0.5) / size  # pixel centres in (0, 1)
-        self.yy, self.xx = yy, xx
+        self.yy, self.xx = (np.mgrid[:size, :size] + 0.5) / size  # (S, S) each: pixel centres in (0, 1)
 
     def _ellipse(self, cy: float, cx: float, ry: float, rx: float) -> np.ndarray:
         return ((self.yy - cy) / ry) ** 2 + ((self.xx - cx) / rx) ** 2 <= 1.0
