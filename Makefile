@@ -6,6 +6,9 @@ PYTHON ?= python3
 # Notebook runs side by side in `make book` (2 suits a 2-core machine). Each run gets one torch thread whatever JOBS
 # is, so its numbers do not depend on JOBS (python -m adcore book --threads N asks for more, recorded per result).
 JOBS ?= 2
+# pytest-xdist workers for `make test` (2 suits a 2-core machine; each gets its share of the torch threads, see
+# tests/conftest.py). Modules marked xdist_group stay on one worker, so their module fixtures are built once.
+TEST_WORKERS ?= 2
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.adcore-installed
@@ -24,11 +27,11 @@ $(STAMP): pyproject.toml
 	touch $@
 
 test: venv
-	$(PY) -m pytest -q -ra
+	$(PY) -m pytest -q -ra -n $(TEST_WORKERS) --dist loadgroup
 
 # Everything but the notebook runs and the book build.
 test-fast: venv
-	$(PY) -m pytest -q -ra -m "not notebook"
+	$(PY) -m pytest -q -ra -n $(TEST_WORKERS) --dist loadgroup -m "not notebook"
 
 book: venv
 	$(PY) -m adcore book --jobs $(JOBS)

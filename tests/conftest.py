@@ -1,16 +1,28 @@
-"""Suite-wide set-up that must happen before any test module is imported."""
+"""Suite-wide set-up that must happen before any test module is imported, and the shared fake MVTec AD fixtures.
+
+The suite runs on pytest-xdist workers (``make test``: ``-n 2``). Session fixtures run once per worker; anything
+they write goes under that worker's own ``tmp_path_factory`` folder, except the one file both may share (the fake
+weights), which is written once under a lock.
+"""
 import os
+from pathlib import Path
 
 import pytest
 import torch
+from filelock import FileLock
+
+from adcore.data import make_fake_mvtec, make_fake_weights
 
 # Triton reads TRITON_INTERPRET when a kernel is *defined*, i.e. when `kernels` is first imported — possibly by a model
 # test collected before the kernel tests. Without a GPU every Triton path in the suite runs on the interpreter.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-# Two cores in CI: more threads than cores only adds contention.
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# Two cores in CI: more threads than cores only adds contention, and each xdist worker gets its share of them.
+torch.set_num_threads(max(1, min(2, torch.get_num_threads()) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", 1))))
+
+#: The categories of ``fake_mvtec_tree``: objects and a texture, so that both MVTec AD means have a row.
+FAKE_CATEGORIES = ("bottle", "cable", "carpet")  # two objects and a texture; the docs print bottle and cable
 
 
 @pytest.fixture(scope="module")
@@ -27,37 +39,35 @@ def dev():
 
 
 @pytest.fixture(scope="session")
-def fake_mvtec_tree(tmp_path_factory):
-    """Three MVTec AD categories (two objects, one texture) in MVTec AD's layout, small and quick to read."""
-    import numpy as np
-    from PIL import Image
+def fake_mvtec_factory(tmp_path_factory):
+    """``tree(categories, **make_fake_mvtec_kwargs) -> root``: make_fake_mvtec, written once per session and worker
+    for each distinct set of arguments. The trees are shared: a test that changes files must write its own."""
+    made = {}
 
-    root = tmp_path_factory.mktemp("mvtec")
-    rng = np.random.default_rng(0)
-    for cat in ("bottle", "cable", "carpet"):
-        for sub in ("train/good", "test/good", "test/broken", "ground_truth/broken"):
-            (root / cat / sub).mkdir(parents=True)
-        base = rng.integers(60, 200, (1, 1, 3))
-        for i in range(8):
-            img = np.clip(base + rng.normal(0, 12, (64, 64, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(img).save(root / cat / "train/good" / f"{i:03d}.png")
-        for i in range(3):
-            good = np.clip(base + rng.normal(0, 12, (64, 64, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(good).save(root / cat / "test/good" / f"{i:03d}.png")
-            bad, mask = good.copy(), np.zeros((64, 64), np.uint8)
-            bad[16 + 4 * i:36 + 4 * i, 20:40] = 255 - bad[16 + 4 * i:36 + 4 * i, 20:40]
-            mask[16 + 4 * i:36 + 4 * i, 20:40] = 255
-            Image.fromarray(bad).save(root / cat / "test/broken" / f"{i:03d}.png")
-            Image.fromarray(mask).save(root / cat / "ground_truth/broken" / f"{i:03d}_mask.png")
-    return root
+    def tree(categories=FAKE_CATEGORIES, **kwargs) -> Path:
+        key = (tuple([categories] if isinstance(categories, str) else categories), tuple(sorted(kwargs.items())))
+        if key not in made:
+            made[key] = make_fake_mvtec(tmp_path_factory.mktemp("fake_mvtec"), key[0], **kwargs)
+        return made[key]
+
+    return tree
 
 
 @pytest.fixture(scope="session")
-def fake_wrn_weights(tmp_path_factory):
-    """A randomly initialised WideResNet-50-2 in torchvision's naming: the paper configs' weights, offline."""
-    import torchvision
+def fake_mvtec_tree(fake_mvtec_factory) -> Path:
+    """A fake MVTec AD root with ``FAKE_CATEGORIES`` at 64 px: 8 train, 3 good and 3 defective test images each."""
+    return fake_mvtec_factory(FAKE_CATEGORIES, image_size=64, n_train=8, n_test=3)
 
-    path = tmp_path_factory.mktemp("weights") / "wide_resnet50_2-random.pth"
-    torch.manual_seed(0)
-    torch.save(torchvision.models.wide_resnet50_2().state_dict(), path)
+
+@pytest.fixture(scope="session")
+def fake_wrn_weights(tmp_path_factory) -> Path:
+    """A randomly initialised torchvision wide_resnet50_2 state dict (276 MB, about 3 s to write), for
+    ``weights_path=``. Under xdist the workers share one file in the run's temporary folder."""
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # <tmp>/pytest-N, above each worker's popen-gwK
+    path = shared / "wide_resnet50_2-fake.pth"
+    with FileLock(str(path) + ".lock"):
+        if not path.is_file():
+            make_fake_weights(path)
     return path

@@ -92,12 +92,11 @@ def test_efficientnet_lite0_mapping_rejects_wrong_shapes_and_counts():
 
 
 @pytest.fixture(scope="module")
-def wrn_file(tmp_path_factory):
-    torch.manual_seed(0)
-    model = torchvision.models.wide_resnet50_2(weights=None).eval()
-    path = tmp_path_factory.mktemp("wrn") / "wide_resnet50_2-0123abcd.pth"
-    torch.save(model.state_dict(), path)
-    return path, model
+def wrn_file(fake_wrn_weights):
+    """The session's random WideResNet-50-2 file, and torchvision's own model holding the same weights."""
+    model = torchvision.models.wide_resnet50_2(weights=None)
+    model.load_state_dict(torch.load(fake_wrn_weights, map_location="cpu", weights_only=True))
+    return fake_wrn_weights, model.eval()
 
 
 def test_wide_resnet50_2_loads_from_weights_path(wrn_file):

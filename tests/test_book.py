@@ -20,7 +20,8 @@ import pytest
 from adcore.runs import execute
 from adcore.book import build as book_builder
 
-pytestmark = pytest.mark.notebook
+# One worker builds the book (the module fixture) and runs every check on it.
+pytestmark = [pytest.mark.notebook, pytest.mark.xdist_group("book")]
 
 REPO = Path(__file__).resolve().parent.parent
 STATE_LIMIT = 3 * 2**20  # widget state per page

@@ -24,7 +24,8 @@ from adcore.runs import collect, execute, plan, provenance
 from adcore.__main__ import main
 from test_runner import _wait_for
 
-pytestmark = [pytest.mark.notebook, pytest.mark.slow]
+# One worker runs the reference grid and the cluster (module fixtures) for every test here.
+pytestmark = [pytest.mark.notebook, pytest.mark.slow, pytest.mark.xdist_group("dask_runner")]
 
 REPO = Path(__file__).resolve().parents[1]
 DASK = [sys.executable, "-m", "distributed.cli.dask_scheduler"], [sys.executable, "-m", "distributed.cli.dask_worker"]
@@ -91,9 +92,10 @@ def cluster(tmp_path_factory):
                 p.terminate()
         for p in workers + [scheduler]:
             try:
-                p.wait(timeout=30)
+                p.wait(timeout=5)  # a worker whose scheduler is gone can spend 30 s closing; nothing is checked here
             except subprocess.TimeoutExpired:
                 p.kill()
+                p.wait()
         for log in logs:
             log.close()
 

@@ -1,6 +1,7 @@
 """adcore.data: the embedded textures and digits benchmarks, the MVTec-family loaders, and their errors.
 
-Real-benchmark tests build tiny 16×16 trees in each published layout under tmp_path; nothing is downloaded.
+Real-benchmark tests build tiny 16×16 trees in each published layout under tmp_path (MVTec AD's with
+``make_fake_mvtec``, which is tested here too); nothing is downloaded.
 """
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ import pytest
 import torch
 from PIL import Image
 
-from adcore.data import AnomalyDataset, DataError, defects, digits, list_categories, load_dataset, textures
+from adcore.data import (AnomalyDataset, DataError, defects, digits, list_categories, load_dataset, make_fake_mvtec,
+                         make_fake_weights, mvtec, textures)
 
 # ---------------------------------------------------------------- helpers
 
@@ -39,15 +41,13 @@ def _mask(size: int = 16, value: int = 255) -> np.ndarray:
     return m
 
 
-def _mvtec_tree(root: Path, categories=("bottle", "cable")) -> Path:
-    for c, cat in enumerate(categories):
-        for i in range(3):
-            _png(root / cat / "train" / "good" / f"{i:03d}.png", _image(100 * c + i))
-        for i in range(2):
-            _png(root / cat / "test" / "good" / f"{i:03d}.png", _image(100 * c + 10 + i))
-        for i, value in enumerate((255, 128)):  # a mask with value 128 must still binarise to 1
-            _png(root / cat / "test" / "crack" / f"{i:03d}.png", _image(100 * c + 20 + i, grey=True))
-            _png(root / cat / "ground_truth" / "crack" / f"{i:03d}_mask.png", _mask(value=value))
+def _mvtec_tree(root: Path) -> Path:
+    """A fake MVTec AD of bottle (RGB) and screw (grey) at 16 px: 3 train, 2 good and 2 defective test images each.
+    Its second mask of each is rewritten with value 128: any non-zero value must still binarise to 1."""
+    make_fake_mvtec(root, ("bottle", "screw"), image_size=16, n_train=3, n_test=2)
+    for category in ("bottle", "screw"):
+        mask_path = root / category / "ground_truth" / mvtec.DEFECT_TYPES[category][0] / "001_mask.png"
+        _png(mask_path, np.where(np.asarray(Image.open(mask_path)) > 0, 128, 0).astype(np.uint8))
     return root
 
 
@@ -258,23 +258,27 @@ def test_digits_one_class_split():
 
 def test_mvtec_layout(tmp_path):
     root = _mvtec_tree(tmp_path / "mvtec")
-    assert list_categories("mvtec", data_root=root) == ["bottle", "cable"] == list_categories(str(root))
+    assert list_categories("mvtec", data_root=root) == ["bottle", "screw"] == list_categories(str(root))
     train = load_dataset("mvtec", "bottle", "train", data_root=root)
     assert isinstance(train, AnomalyDataset) and len(train) == 3 and (train.labels == 0).all()
     assert not train.cache_in_memory and train.name == "mvtec" and train.category == "bottle"
-    test = load_dataset("mvtec", "bottle", "test", data_root=root)
+    test = load_dataset("mvtec", "screw", "test", data_root=root)
     assert test.image_size == 16 and test.mask_size == 16  # native size kept
-    assert test.defects == ["crack", "crack", "good", "good"] and test.labels.tolist() == [1, 1, 0, 0]
-    for i in range(2):
+    defect = "manipulated_front"  # after "good" in folder order
+    assert test.defects == ["good", "good", defect, defect] and test.labels.tolist() == [0, 0, 1, 1]
+    for i, value in zip((2, 3), (255, 128)):
         item = test[i]
-        assert torch.equal(item["mask"], torch.from_numpy(_mask(value=1)))  # 255 and 128 both binarise to 1
+        written = np.asarray(Image.open(test.samples[i].mask_path))
+        assert sorted(np.unique(written)) == [0, value]
+        assert torch.equal(item["mask"], torch.from_numpy((written > 0).astype(np.uint8)))  # both binarise to 1
         assert torch.equal(item["image"][0], item["image"][2])  # grey repeated
-        expected = torch.from_numpy(_image(20 + i, grey=True)).float() / 255
-        assert torch.allclose(item["image"][1], expected)
-    assert int(test[3]["mask"].sum()) == 0
-    small = load_dataset(str(root), "bottle", "test", image_size=8, mask_size=4)
-    assert small.name == "mvtec" and small[0]["image"].shape == (3, 8, 8)
-    assert small[0]["mask"].tolist() == [[0, 0, 0, 0], [0, 1, 1, 0], [0, 1, 1, 0], [0, 0, 0, 0]]  # nearest
+        expected = torch.from_numpy(np.array(Image.open(test.paths[i]))).float() / 255
+        assert expected.shape == (16, 16) and torch.allclose(item["image"][1], expected)
+    assert int(test[1]["mask"].sum()) == 0
+    _png(Path(test.samples[2].mask_path), _mask())  # a known square, to check nearest-neighbour resizing
+    small = load_dataset(str(root), "screw", "test", image_size=8, mask_size=4)
+    assert small.name == "mvtec" and small[2]["image"].shape == (3, 8, 8)
+    assert small[2]["mask"].tolist() == [[0, 0, 0, 0], [0, 1, 1, 0], [0, 1, 1, 0], [0, 0, 0, 0]]  # nearest
 
 
 def test_resize_is_antialiased(tmp_path):
@@ -345,6 +349,137 @@ def test_mvtec3d_rgb_layout(tmp_path):
     assert list_categories("mvtec3d", data_root=root) == ["bagel"]
 
 
+# ---------------------------------------------------------------- the fake MVTec AD
+
+
+def test_mvtec_ad_facts():
+    assert len(mvtec.CATEGORIES) == 15 and sorted(mvtec.TEXTURES + mvtec.OBJECTS) == list(mvtec.CATEGORIES)
+    assert set(mvtec.DEFECT_TYPES) == set(mvtec.CATEGORIES) and set(mvtec.GREY) < set(mvtec.CATEGORIES)
+    assert sum(len(d) for d in mvtec.DEFECT_TYPES.values()) == 73  # as the MVTec AD paper counts them
+    assert all(list(d) == sorted(set(d)) and "good" not in d for d in mvtec.DEFECT_TYPES.values())
+
+
+def test_fake_mvtec_writes_mvtec_ads_layout_and_names(tmp_path):
+    root = make_fake_mvtec(tmp_path / "m", ("toothbrush", "bottle", "screw"), image_size=12, n_train=3, n_test=2,
+                           n_defect_types=2)
+    assert root == tmp_path / "m"
+    defects = {"bottle": ["broken_large", "broken_small"], "screw": ["manipulated_front", "scratch_head"],
+               "toothbrush": ["defective"]}  # MVTec AD's toothbrush has one defect type
+    expected = set()
+    for cat, names in defects.items():
+        expected |= {f"{cat}/train/good/{i:03d}.png" for i in range(3)} | {f"{cat}/test/good/{i:03d}.png"
+                                                                            for i in range(2)}
+        for d in names:
+            expected |= {f"{cat}/test/{d}/{i:03d}.png" for i in range(2)}
+            expected |= {f"{cat}/ground_truth/{d}/{i:03d}_mask.png" for i in range(2)}
+    assert {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()} == expected
+    assert list_categories("mvtec", data_root=root) == ["bottle", "screw", "toothbrush"]
+    for cat, names in defects.items():
+        test = load_dataset("mvtec", cat, "test", data_root=root)
+        assert test.defects == sorted(names * 2 + ["good", "good"])  # folder order
+        assert all(int(x["mask"].sum()) > 0 for x in test if x["label"] == 1)
+        assert len(load_dataset("mvtec", cat, "train", data_root=root)) == 3
+
+
+def test_fake_mvtec_is_grey_where_mvtec_ad_is_and_masks_are_binary(tmp_path):
+    root = make_fake_mvtec(tmp_path, mvtec.CATEGORIES, image_size=8, n_train=1, n_test=1, n_defect_types=9)
+    pngs = sorted(root.rglob("*.png"))
+    assert len(pngs) == 15 * 2 + 2 * 73  # every category and defect type, at the smallest size
+    for path in pngs:
+        with Image.open(path) as im:
+            pixels = np.asarray(im)
+            assert im.size == (8, 8), path
+            if path.name.endswith("_mask.png"):
+                assert im.mode == "L" and sorted(np.unique(pixels)) == [0, 255], path  # never empty
+            else:
+                assert im.mode == ("L" if path.relative_to(root).parts[0] in ("grid", "screw", "zipper") else "RGB")
+
+
+def test_fake_mvtec_defects_are_visible_exactly_in_their_masks(tmp_path):
+    from adcore import metrics
+
+    root = make_fake_mvtec(tmp_path, ("cable", "carpet", "screw"), image_size=64, n_train=8, n_test=4,
+                           n_defect_types=2)
+    for cat in ("cable", "carpet", "screw"):
+        reference = torch.stack([x["image"] for x in load_dataset(str(root), cat, "train")]).median(0).values
+        test = load_dataset(str(root), cat, "test")
+        maps = torch.stack([(x["image"] - reference).abs().amax(0) for x in test])  # (N, S, S)
+        masks = torch.stack([x["mask"] for x in test])
+        for diff, mask, label in zip(maps, masks, test.labels):
+            if label:
+                inside, outside = diff[mask.bool()].mean(), diff[~mask.bool()].mean()
+                assert 0.005 <= mask.float().mean() <= 0.08 and inside > 0.3 and inside > 4 * outside, cat
+        # a distance to the mean good image finds the defects: the masks are where the images changed
+        assert metrics.pixel_auroc(maps.numpy(), masks.numpy()) > 0.9, cat
+
+
+def test_fake_mvtec_is_deterministic_per_seed_and_category(tmp_path):
+    a = make_fake_mvtec(tmp_path / "a", ("bottle", "grid"), image_size=16, seed=3)
+    b = make_fake_mvtec(tmp_path / "b", "grid", image_size=16, seed=3)
+    c = make_fake_mvtec(tmp_path / "c", "grid", image_size=16, seed=4)
+    grid = _tree_digest(a / "grid")
+    assert grid == _tree_digest(b / "grid")  # the same whichever other categories are written
+    other = _tree_digest(c / "grid")
+    assert other.keys() == grid.keys() and all(other[k] != grid[k] for k in grid)
+    assert len({grid[k] for k in grid if k.startswith("train/")}) == 4  # every training image differs
+
+
+def test_the_suites_fake_tree_holds_an_object_and_a_texture(fake_mvtec_tree):
+    assert list_categories(str(fake_mvtec_tree)) == ["bottle", "cable", "carpet"]
+    assert mvtec.OBJECTS.count("bottle") == mvtec.TEXTURES.count("carpet") == 1
+    for cat in ("bottle", "carpet"):
+        test = load_dataset("mvtec", cat, "test", data_root=fake_mvtec_tree)
+        assert len(test) == 6 and test.labels.tolist() == [1, 1, 1, 0, 0, 0] and test.image_size == 64
+        assert len(load_dataset("mvtec", cat, "train", data_root=fake_mvtec_tree)) == 8
+
+
+def test_fake_mvtec_rejects_bad_arguments(tmp_path):
+    with pytest.raises(DataError, match=r"unknown MVTec AD categories \['bottel'\]; expected some of bottle, cable"):
+        make_fake_mvtec(tmp_path, ["bottle", "bottel"])
+    with pytest.raises(DataError, match="at most once, and at least one"):
+        make_fake_mvtec(tmp_path, ["bottle", "bottle"])
+    with pytest.raises(DataError, match="at most once, and at least one"):
+        make_fake_mvtec(tmp_path, [])
+    for kwargs, message in [({"image_size": 7}, "image_size must be an int >= 8, got 7"),
+                            ({"image_size": 16.0}, "image_size must be an int >= 8, got 16.0"),
+                            ({"n_train": 0}, "n_train must be an int >= 1"), ({"n_test": True}, "n_test must be"),
+                            ({"n_defect_types": 0}, "n_defect_types must be"), ({"seed": -1}, "seed must be")]:
+        with pytest.raises(DataError, match=message):
+            make_fake_mvtec(tmp_path, "bottle", **kwargs)
+    assert not any(tmp_path.iterdir())  # a rejected call writes nothing
+    make_fake_mvtec(tmp_path, "bottle", image_size=8)
+    with pytest.raises(DataError, match="bottle already exist"):
+        make_fake_mvtec(tmp_path, ("grid", "bottle"))
+    assert not (tmp_path / "grid").exists()
+
+
+def test_fake_wrn_weights_load_as_the_imagenet_file_does(fake_wrn_weights, tmp_path):
+    import warnings
+
+    import torchvision
+
+    from adcore.backbones import create_backbone
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # not the pretrained=False switch, which warns
+        backbone = create_backbone("wide_resnet50_2", weights_path=fake_wrn_weights)
+    assert backbone.pretrained and backbone.weights_path == str(fake_wrn_weights)
+    assert [f.shape[1] for f in backbone(torch.rand(1, 3, 32, 32))] == [256, 512, 1024]
+    state = torch.load(fake_wrn_weights, map_location="cpu", weights_only=True)
+    with torch.device("meta"):
+        expected = torchvision.models.wide_resnet50_2(weights=None).state_dict()
+    assert {k: v.shape for k, v in state.items()} == {k: v.shape for k, v in expected.items()}
+    # Seeded and drawn aside from the global RNG: the same file again, and the caller's next draw unchanged.
+    torch.manual_seed(5)
+    again = make_fake_weights(tmp_path / fake_wrn_weights.name, seed=0)
+    after = torch.rand(3)
+    torch.manual_seed(5)
+    assert torch.equal(after, torch.rand(3))
+    assert again.read_bytes() == fake_wrn_weights.read_bytes()
+    with pytest.raises(ValueError, match="writes wide_resnet50_2, got arch='resnet18'"):
+        make_fake_weights(tmp_path / "r.pth", arch="resnet18")
+
+
 # ---------------------------------------------------------------- errors
 
 
@@ -362,14 +497,14 @@ def test_error_missing_root_and_name(tmp_path):
 
 def test_error_unknown_category_lists_found(tmp_path):
     root = _mvtec_tree(tmp_path / "m")
-    with pytest.raises(DataError, match="'screw' not found.*found: bottle, cable"):
-        load_dataset("mvtec", "screw", "test", data_root=root)
+    with pytest.raises(DataError, match="'cable' not found.*found: bottle, screw"):
+        load_dataset("mvtec", "cable", "test", data_root=root)
 
 
 def test_error_test_image_without_mask(tmp_path):
     root = _mvtec_tree(tmp_path / "m")
-    (root / "bottle" / "ground_truth" / "crack" / "001_mask.png").unlink()
-    with pytest.raises(DataError, match=r"crack/001\.png' has no mask; expected .*001_mask\.png"):
+    (root / "bottle" / "ground_truth" / "broken_large" / "001_mask.png").unlink()
+    with pytest.raises(DataError, match=r"broken_large/001\.png' has no mask; expected .*001_mask\.png"):
         load_dataset("mvtec", "bottle", "test", data_root=root)
 
 
@@ -403,7 +538,7 @@ def test_error_file_damaged_after_construction_raises_on_read(tmp_path):
 
 def test_error_mask_size_differs_from_image(tmp_path):
     root = _mvtec_tree(tmp_path / "m")
-    _png(root / "bottle" / "ground_truth" / "crack" / "000_mask.png", _mask(size=8))
+    _png(root / "bottle" / "ground_truth" / "broken_large" / "000_mask.png", _mask(size=8))
     with pytest.raises(DataError, match=r"000_mask\.png' is 8x8 but its image .*000\.png' is 16x16"):
         load_dataset("mvtec", "bottle", "test", data_root=root)
 

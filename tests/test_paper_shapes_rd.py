@@ -1,12 +1,13 @@
 """The DMAD and AAND paper configurations run at the papers' shapes: 256-px images, WideResNet-50-2, full widths.
 
 Each ``notebooks/params/<nb>/paper.yaml`` goes through the notebook's own path (``run_experiment`` with the yaml's
-model parameters: ``create_model`` → ``fit`` → ``evaluate``) on a tiny synthetic MVTec-layout tree at 256 px, for one
-optimisation step of each stage, with one change: WideResNet-50-2 is randomly initialised through the explicit,
-test-only ``pretrained=False`` (it warns; CI has no ImageNet weights). What is checked is the output contract, not
-accuracy. Seconds per step (wall), the run's CPU seconds and the process's peak resident memory so far are printed;
-they reach the terminal even without ``-s``. On a shared machine the wall times grow with the load, the CPU
-seconds much less:
+model parameters: ``create_model`` → ``fit`` → ``evaluate``) on a tiny fake MVTec AD cable at 256 px
+(``adcore.data.make_fake_mvtec``), for one optimisation step of each stage, with one change: CI has no ImageNet
+weights, so WideResNet-50-2 loads a randomly initialised file (``make_fake_weights``, the session's
+``fake_wrn_weights``) given as ``weights_path``, as a user gives the real one. What is checked is the output contract,
+not accuracy. Seconds per step (wall), the run's CPU seconds and the process's peak resident memory so far are printed;
+they reach the terminal even without ``-s``, though not from xdist workers (``make test``), so run the module on its
+own to read them. On a shared machine the wall times grow with the load, the CPU seconds much less:
 
     .venv/bin/python -m pytest tests/test_paper_shapes_rd.py -m slow
 """
@@ -23,7 +24,6 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from PIL import Image
 
 import adcore
 
@@ -35,29 +35,9 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def mvtec_tree(tmp_path_factory) -> Path:
-    """<root>/cable/{train/good: 1 image, test/good: 1, test/cut: 1, ground_truth/cut/000_mask.png} at 256 px."""
-    root = tmp_path_factory.mktemp("mvtec")
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[:SIZE, :SIZE]
-    disk = (yy - SIZE / 2) ** 2 + (xx - SIZE / 2) ** 2 < (0.4 * SIZE) ** 2
-
-    def image(defect: bool = False) -> Image.Image:
-        pixels = np.where(disk[..., None], 160, 40) + rng.integers(0, 30, (SIZE, SIZE, 3))
-        if defect:
-            pixels[100:140, 100:140] = 255
-        return Image.fromarray(pixels.astype(np.uint8))
-
-    for split, defect, n in [("train", "good", 1), ("test", "good", 1), ("test", "cut", 1)]:
-        folder = root / CATEGORY / split / defect
-        folder.mkdir(parents=True)
-        for i in range(n):
-            image(defect == "cut").save(folder / f"{i:03d}.png")
-    mask = np.zeros((SIZE, SIZE), np.uint8)
-    mask[100:140, 100:140] = 255
-    (root / CATEGORY / "ground_truth" / "cut").mkdir(parents=True)
-    Image.fromarray(mask).save(root / CATEGORY / "ground_truth" / "cut" / "000_mask.png")
-    return root
+def mvtec_tree(fake_mvtec_factory) -> Path:
+    """A fake MVTec AD cable at 256 px: 1 train image, 1 good and 1 defective test image (with its mask)."""
+    return fake_mvtec_factory(CATEGORY, image_size=SIZE, n_train=1, n_test=1)
 
 
 def _timed(model, times: list):
@@ -83,12 +63,13 @@ def _timed(model, times: list):
     model.training_step, model.configure_optimizers = training_step, configure_optimizers
 
 
-def _run_paper_config(notebook: str, mode: str | None, root: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+def _run_paper_config(notebook: str, mode: str | None, root: Path, weights: Path, tmp_path: Path, capsys,
+                      monkeypatch) -> None:
     values = yaml.safe_load((ROOT / "notebooks" / "params" / notebook / "paper.yaml").read_text())
     recipe = adcore.get_recipe(notebook, "paper")
     # The notebook's model cell: every model parameter the recipe names, read from paper.yaml; one step per stage.
-    model_params = {k: values[k] for k in recipe.model_params} | {"weights_path": values["weights_path"]}
-    model_params |= {"pretrained": False} | ({"mode": mode} if mode else {})
+    model_params = {k: values[k] for k in recipe.model_params} | {"weights_path": str(weights)}
+    model_params |= {"mode": mode} if mode else {}
     epochs = {s: 1 for s in recipe.num_epochs} if isinstance(recipe.num_epochs, dict) else 1
     assert values["image_size"] == SIZE and values["backbone"] == "wide_resnet50_2"
 
@@ -104,7 +85,6 @@ def _run_paper_config(notebook: str, mode: str | None, root: Path, tmp_path: Pat
     monkeypatch.setattr(adcore.runs.experiment, "create_model", create_timed)
     start, cpu_start = time.perf_counter(), time.process_time()
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*RANDOMLY INITIALISED.*")  # the switch is deliberate here
         warnings.filterwarnings("ignore", message=".*optimizer.step.*")  # the timing wrapper around step
         exp = adcore.run_experiment(notebook, model_params=model_params, num_epochs=epochs, dataset="mvtec",
                                     data_root=str(root), categories=[CATEGORY], image_size=values["image_size"],
@@ -115,6 +95,7 @@ def _run_paper_config(notebook: str, mode: str | None, root: Path, tmp_path: Pat
 
     model = built[0]
     assert model.encoder.name == "wide_resnet50_2" and model.channels == [256, 512, 1024]
+    assert model.encoder.pretrained and model.encoder.weights_path == str(weights)  # loaded from the file given
     assert [s for s, _ in times] == list(model.stages)  # one step per stage
     result, arrays = exp.results[0], exp.arrays[CATEGORY]
     for key in ("image_auroc", "pixel_auroc", "aupro"):
@@ -131,20 +112,21 @@ def _run_paper_config(notebook: str, mode: str | None, root: Path, tmp_path: Pat
     steps = ", ".join(f"{stage} {seconds:.1f} s/step" for stage, seconds in times)
     label = notebook + (f" mode={mode}" if mode else "")
     with capsys.disabled():
-        print(f"\n[paper shape] {label}: 256 px, batch of 1, wide_resnet50_2 (random), {torch.get_num_threads()} "
-              f"threads: {steps}; fit + evaluate {total:.1f} s wall, {cpu:.1f} s CPU; process peak RSS {peak:.0f} MiB",
+        print(f"\n[paper shape] {label}: 256 px, batch of 1, wide_resnet50_2 (fake weights), "
+              f"{torch.get_num_threads()} threads: {steps}; fit + evaluate {total:.1f} s wall, {cpu:.1f} s CPU; "
+              f"process peak RSS {peak:.0f} MiB",
               flush=True)
 
 
 @pytest.mark.parametrize("mode", ["sp", "px"])
-def test_dmad_paper_config_at_paper_shape(mode, mvtec_tree, tmp_path, capsys, monkeypatch):
+def test_dmad_paper_config_at_paper_shape(mode, mvtec_tree, fake_wrn_weights, tmp_path, capsys, monkeypatch):
     values = yaml.safe_load((ROOT / "notebooks" / "params" / "dmad" / "paper.yaml").read_text())
     assert values["mode"] == "both"  # the paper path trains both of DMAD's models; each is run here
-    _run_paper_config("dmad", mode, mvtec_tree, tmp_path, capsys, monkeypatch)
+    _run_paper_config("dmad", mode, mvtec_tree, fake_wrn_weights, tmp_path, capsys, monkeypatch)
 
 
-def test_aand_paper_config_at_paper_shape(mvtec_tree, tmp_path, capsys, monkeypatch):
-    _run_paper_config("aand", None, mvtec_tree, tmp_path, capsys, monkeypatch)
+def test_aand_paper_config_at_paper_shape(mvtec_tree, fake_wrn_weights, tmp_path, capsys, monkeypatch):
+    _run_paper_config("aand", None, mvtec_tree, fake_wrn_weights, tmp_path, capsys, monkeypatch)
 
 
 @pytest.mark.notebook

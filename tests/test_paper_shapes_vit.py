@@ -2,9 +2,10 @@
 
 No ``paper.yaml`` can be run to the end here (400 epochs at 512 px want a GPU), but every one of them must at least
 build, train and score at the paper's image size and widths. For each of ``notebooks/params/{vt_adl,advit,anovit}/
-paper.yaml`` this test writes a tiny MVTec AD tree at that image size (one training batch, two good and two defective
-test images with masks), injects the yaml into the notebook's parameters as papermill would, overrides only
-``num_epochs=1``, ``device="cpu"``, ``data_root`` and the output folders, and runs the notebook's own code cells that
+paper.yaml`` this test reads a tiny fake MVTec AD carpet at that image size (``adcore.data.make_fake_mvtec``: one
+training batch, 2 good and 2 defective test images with masks; one 512-px tree per worker for vt_adl and advit), injects
+the yaml into the notebook's parameters as papermill would, overrides only ``num_epochs=1``, ``device="cpu"``,
+``data_root`` and the output folders, and runs the notebook's own code cells that
 train and evaluate (the parameter check, the main run, and any ablation the yaml switches on: AnoViT's conv AE). It
 asserts the output contract and prints the peak resident memory and the seconds of the optimisation step and of the
 prediction of each run:
@@ -23,7 +24,6 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from PIL import Image
 
 import adcore
 import adcore.runs.experiment
@@ -34,28 +34,6 @@ ROOT = Path(__file__).resolve().parents[1]
 CATEGORY = "carpet"
 # The model each notebook's main run trains, and the other models its paper.yaml makes it train.
 RUNS = {"vt_adl": ["vt_adl"], "advit": ["advit"], "anovit": ["anovit", "conv_ae"]}
-
-
-def _write_tree(root: Path, size: int, n_train: int) -> None:
-    """An MVTec AD category at ``size`` px: n_train good training images, 2 good + 2 'cut' test images with masks."""
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[:size, :size] / size
-
-    def image(k):  # a smooth colour pattern plus noise, different per image
-        base = 0.5 + 0.3 * np.sin(2 * np.pi * (3 * xx + 2 * yy + 0.1 * k))[..., None] * np.array([1.0, 0.8, 0.6])
-        return Image.fromarray((255 * np.clip(base + 0.05 * rng.standard_normal((size, size, 3)), 0, 1)).astype(
-            np.uint8))
-
-    cat = root / CATEGORY
-    for split, defect, n in (("train", "good", n_train), ("test", "good", 2), ("test", "cut", 2)):
-        (cat / split / defect).mkdir(parents=True)
-        for i in range(n):
-            image(i + (100 if split == "test" else 0)).save(cat / split / defect / f"{i:03d}.png")
-    (cat / "ground_truth" / "cut").mkdir(parents=True)
-    for i in range(2):
-        mask = np.zeros((size, size), np.uint8)
-        mask[size // 4 + i * size // 8: size // 2 + i * size // 8, size // 3: size // 3 + size // 6] = 255
-        Image.fromarray(mask).save(cat / "ground_truth" / "cut" / f"{i:03d}_mask.png")
 
 
 def _reset_peak_rss() -> bool:
@@ -124,7 +102,7 @@ def _run_notebook_cells(notebook: str, overrides: dict) -> dict:
 
 
 @pytest.mark.parametrize("notebook", sorted(RUNS))
-def test_paper_config_trains_one_step_and_predicts(notebook, tmp_path, monkeypatch):
+def test_paper_config_trains_one_step_and_predicts(notebook, fake_mvtec_factory, tmp_path, monkeypatch):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -132,8 +110,8 @@ def test_paper_config_trains_one_step_and_predicts(notebook, tmp_path, monkeypat
     recipe = adcore.get_recipe(RUNS[notebook][0], "paper")
     size, batch = paper["image_size"], paper["batch_size"]
     assert (size, batch) == (recipe.image_size, recipe.batch_size)
-    _write_tree(tmp_path / "mvtec", size, n_train=batch)
-    overrides = {**paper, "num_epochs": 1, "device": "cpu", "data_root": str(tmp_path / "mvtec"),
+    root = fake_mvtec_factory(CATEGORY, image_size=size, n_train=batch, n_test=2)
+    overrides = {**paper, "num_epochs": 1, "device": "cpu", "data_root": str(root),
                  "categories": [CATEGORY], "results_dir": str(tmp_path / "results"),
                  "checkpoint_root": str(tmp_path / "checkpoints"), "num_threads": torch.get_num_threads()}
     meter = _Meter(monkeypatch)
