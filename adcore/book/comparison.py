@@ -10,32 +10,33 @@ from pathlib import Path
 
 import pandas as pd
 
+from ..data.mvtec import CATEGORIES as MVTEC_CATEGORIES
+from ..data.mvtec import OBJECTS as MVTEC_OBJECTS
+from ..data.mvtec import TEXTURES as MVTEC_TEXTURES
+
 METRICS = ("image_auroc", "pixel_auroc", "aupro")
 SHORT = {"image_auroc": "I-AUROC", "pixel_auroc": "P-AUROC", "aupro": "AUPRO"}
 
-# MVTec AD's 15 categories, as its paper splits them (Bergmann et al., CVPR 2019).
-MVTEC_TEXTURES = ("carpet", "grid", "leather", "tile", "wood")
-MVTEC_OBJECTS = ("bottle", "cable", "capsule", "hazelnut", "metal_nut", "pill", "screw", "toothbrush", "transistor",
-                 "zipper")
 BASELINES = ("knn", "center_prior")  # the baselines notebook's methods: the columns every other is read against
 # Categories of the public benchmarks, for "n of N categories" (a folder of one's own counts what is on disk).
-BENCHMARK_CATEGORIES = {"mvtec": 15, "btad": 3, "visa": 12}
+BENCHMARK_CATEGORIES = {"mvtec": len(MVTEC_CATEGORIES), "btad": 3, "visa": 12}
 
 # Per-category MVTec AD numbers the papers or their repositories publish (shared/reference/methods.md), on the scale
 # of our metrics (0-1). Each says what it measures, which is not always what its name says.
 PUBLISHED = [
-    {"method": "vt_adl", "metric": "pixel_auroc", "source": "VT-ADL Table III 'PRO' (the official test.py computes pixel ROC "
-                                                  "AUC), 512 px", "values": {
+    {"method": "vt_adl", "metric": "pixel_auroc",
+     "source": "VT-ADL Table III 'PRO' (the official test.py computes pixel ROC AUC), 512 px", "values": {
         "carpet": .773, "grid": .871, "leather": .728, "tile": .796, "wood": .781, "bottle": .949, "cable": .776,
         "capsule": .672, "hazelnut": .897, "metal_nut": .726, "pill": .705, "screw": .928, "toothbrush": .901,
         "transistor": .796, "zipper": .808}},
-    {"method": "dmad", "metric": "image_auroc", "source": "DMAD default-config rerun (FlappyPeggy/DMAD issue #6), not the "
-                                                "paper's table (it gives means only)", "values": {
+    {"method": "dmad", "metric": "image_auroc",
+     "source": "DMAD default-config rerun (FlappyPeggy/DMAD issue #6), not the paper's table (it gives means only)",
+     "values": {
         "carpet": .969, "grid": .968, "leather": 1.0, "tile": .988, "wood": .996, "bottle": 1.0, "cable": .978,
         "capsule": .965, "hazelnut": 1.0, "metal_nut": .999, "pill": .961, "screw": .935, "toothbrush": 1.0,
         "transistor": .989, "zipper": .987}},
-    {"method": "aand", "metric": "image_auroc", "source": "AAND repository logs, ViT variant (not the paper's WRN-50-2), best "
-                                                "test epoch", "values": {
+    {"method": "aand", "metric": "image_auroc",
+     "source": "AAND repository logs, ViT variant (not the paper's WRN-50-2), best test epoch", "values": {
         "carpet": 1.0, "grid": .993, "leather": 1.0, "tile": 1.0, "wood": .981, "bottle": 1.0, "cable": .937,
         "capsule": .951, "hazelnut": 1.0, "metal_nut": 1.0, "pill": .975, "screw": .863, "toothbrush": 1.0,
         "transistor": .885, "zipper": .979}},
