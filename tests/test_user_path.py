@@ -159,7 +159,8 @@ def test_the_docs_print_commands_for_a_users_dataset():
 COMMANDS = _printed_commands()
 
 
-@pytest.mark.parametrize("where,command", COMMANDS, ids=[f"{w.split('/')[-1]}-{i}" for i, (w, _) in enumerate(COMMANDS)])
+@pytest.mark.parametrize("where,command", COMMANDS,
+                         ids=[f"{w.split('/')[-1]}-{i}" for i, (w, _) in enumerate(COMMANDS)])
 def test_every_printed_command_for_a_users_dataset_runs_as_printed(where, command, fake_mvtec_tree, fake_wrn_weights,
                                                                    tmp_path, monkeypatch, capsys):
     """Placeholders become the fake tree (MVTec AD's layout, so it stands for MVTec AD and for a folder of one's own);

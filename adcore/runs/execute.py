@@ -21,7 +21,7 @@ from pathlib import Path
 from ..utils import atomic_write_json
 from . import lock as runlock
 from . import provenance
-from .plan import Run, _sha
+from .plan import Run
 
 STATUS = "status.json"
 RUNS_MARKER = ".adcore-runs-dir"  # in the runs directory: lets a worker check it sees the same folder as the runner

@@ -9,7 +9,6 @@ unknown or its type does not match the default's. The batch runner uses :func:`p
 from __future__ import annotations
 
 import ast
-from pathlib import Path
 
 INJECTED_HEADER = "# Parameters"  # papermill's header on the cell it injects
 

@@ -128,7 +128,8 @@ def params_layers(spec) -> list:
 def resolve_params(notebook: Path, spec) -> tuple[str, dict, str]:
     """A ``params`` grid entry → ``(name, overrides, spec text)``, its layers merged in order (a later layer wins).
 
-    A layer is ``None``/``"default"`` (the notebook's own defaults), a name (``notebooks/params/<notebook>/<name>.yaml``),
+    A layer is ``None``/``"default"`` (the notebook's own defaults), a name
+    (``notebooks/params/<notebook>/<name>.yaml``),
     a path ending in ``.yaml``/``.yml``, or a dict or its YAML/JSON text (``'{"seed": 1}'``, inline overrides). The
     name joins the layers' names with ``+``; the spec text is what ``--params`` takes to plan the same run again.
     """
