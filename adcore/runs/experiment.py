@@ -120,8 +120,9 @@ def run_experiment(model_name: str, *, model_params: dict | None = None, dataset
     0 on the CPU), ``cache_in_memory`` (None: when the decoded splits fit in a quarter of the available memory, see
     ``adcore.load_dataset``) and ``lean_checkpoint``. ``amp=True`` (bf16 autocast in the training steps) does change
     the numbers and is part of the results' parameters. The results record each setting as used (``runtime``),
-    what the model decided while training (``decided``: AAND's foreground rule, the schedules' resolved epochs) and
-    ``fit_seconds``, summed over every session that resumed the run.
+    what the model decided while training (``decided``: AAND's foreground rule, the schedules' resolved epochs),
+    ``fit_seconds``, summed over every session that resumed the run, and ``fit_timing`` (sessions, and this session's
+    seconds waiting for data and in the optimisation steps).
     """
     model_params = dict(model_params or {})
     if categories is None:
@@ -181,16 +182,18 @@ def run_experiment(model_name: str, *, model_params: dict | None = None, dataset
         fit_seconds = load_seconds + timing["seconds"]
         runtime = {"image_size": image_size, "cache_in_memory": bool(train.cache_in_memory),
                    "num_workers": timing["num_workers"], "pin_memory": timing["pin_memory"], "amp": amp,
-                   "lean_checkpoint": lean_checkpoint, "test_curve_every": test_curve_every if curves else None,
-                   "fit_sessions": timing["sessions"], "data_seconds": round(timing["data_seconds"], 2),
-                   "step_seconds": round(timing["step_seconds"], 2)}
+                   "lean_checkpoint": lean_checkpoint, "test_curve_every": test_curve_every if curves else None}
+        # how long, not what: this session's seconds waiting for batches and in the steps, and how many sessions
+        fit_timing = {"sessions": timing["sessions"], "data_seconds": round(timing["data_seconds"], 2),
+                      "step_seconds": round(timing["step_seconds"], 2), "steps": timing["steps"]}
         decided = model.decided() if hasattr(model, "decided") else {}
         # scores of the normal training images: the threshold behind the honest F1 (no test image involved)
         train_scores = image_scores(model, train, batch_size=batch_size, device=device)
         result, arrays = evaluate(model, test, train_scores=train_scores, run_name=run,
                                   params={**params, "category": category}, results_dir=results_dir,
                                   batch_size=batch_size, device=device, seed=seed, return_arrays=True,
-                                  extra={"fit_seconds": round(fit_seconds, 2), "runtime": runtime, "decided": decided,
+                                  extra={"fit_seconds": round(fit_seconds, 2), "fit_timing": fit_timing,
+                                         "runtime": runtime, "decided": decided,
                                          **({"test_curve": curve} if curve is not None else {})})
         out.results.append(result)
         out.histories[category] = history
