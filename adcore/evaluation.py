@@ -52,10 +52,21 @@ def predict_dataset(model: AnomalyModel, test_data, *, batch_size: int = 8, sigm
     Returns a dict of arrays: images (N, S, S, 3) uint8, maps (N, H, W) float32 (smoothed, mask resolution),
     raw_scores (N,) the model's ``pred_score``, map_scores (N,) max of each smoothed map, masks (N, H, W) uint8,
     labels (N,), paths, defects.
+
+    A dataset whose size was not asked for is served at the model's (``adcore.training.at_model_size``). Loading
+    follows ``fit``: workers and pinned memory on a GPU, in the main process on the CPU; prediction stays in fp32
+    (bf16 maps would tie many pixels and move the pixel metrics).
     """
+    from .training import at_model_size, default_num_workers
+
     device = resolve_device(device)
     model.to(device).eval()
-    loader = torch.utils.data.DataLoader(test_data, batch_size=batch_size, shuffle=False, num_workers=0)
+    test_data = at_model_size(test_data, model)
+    workers = default_num_workers(device)
+    if hasattr(test_data, "fill_cache"):
+        test_data.fill_cache(threads=max(workers, 1))
+    loader = torch.utils.data.DataLoader(test_data, batch_size=batch_size, shuffle=False, num_workers=workers,
+                                         pin_memory=device.type == "cuda")
     if progress:
         from tqdm.auto import tqdm
         loader = tqdm(loader, desc="evaluate", leave=False)
@@ -177,7 +188,10 @@ def evaluate(model: AnomalyModel, test_data, *, run_name: str | None = None, par
         image_score, model, dataset, category, protocol, resolution, ...
         Pixel metrics are ``None`` for image-level benchmarks (``digits``).
     """
+    from .training import at_model_size
+
     t0 = time.perf_counter()
+    test_data = at_model_size(test_data, model)
     arrays = predict_dataset(model, test_data, batch_size=batch_size, sigma=sigma, device=device, progress=progress)
     labels = arrays["labels"]
     if labels.min() == labels.max():

@@ -43,8 +43,14 @@ def test_every_registered_model_declares_a_default_recipe():
 
 @pytest.mark.parametrize("notebook", sorted(NOTEBOOK_MODEL))
 def test_notebook_parameters_repeat_the_default_recipe(notebook):
+    from adcore.runs.experiment import resolve_image_size
+
     recipe = adcore.get_recipe(NOTEBOOK_MODEL[notebook], "default")
-    checked = _compare(parse_parameters(ROOT / "notebooks" / f"{notebook}.ipynb"), recipe, f"{notebook}.ipynb")
+    values = parse_parameters(ROOT / "notebooks" / f"{notebook}.ipynb")
+    # image_size = None is "the model's": the size the notebook's run_experiment cell resolves it to is compared
+    assert values["image_size"] is None, f"{notebook}.ipynb should leave image_size to the model's recipe"
+    values["image_size"] = resolve_image_size(NOTEBOOK_MODEL[notebook], values["image_size"])
+    checked = _compare(values, recipe, f"{notebook}.ipynb")
     assert checked >= set(TRAINING_KEYS) - {"num_epochs"}
 
 

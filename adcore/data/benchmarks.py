@@ -18,7 +18,7 @@ import csv
 from pathlib import Path
 
 from .folder import (FOLDER_LAYOUT, MVTEC_LAYOUT, AnomalyDataset, DataError, Layout, Sample, category_dir,
-                     check_split, discover_categories, scan_layout)
+                     check_split, decoded_cache_fits, discover_categories, scan_layout)
 
 BTAD_LAYOUT = Layout(good="ok", mask_templates=("ground_truth/{defect}/{stem}.png", "ground_truth/{defect}/{stem}.bmp"))
 MVTEC3D_LAYOUT = Layout(image_subdir="rgb", mask_templates=("test/{defect}/gt/{stem}.png",))
@@ -120,13 +120,16 @@ def load_dataset(name_or_root: str, category: str, split: str, *, image_size: in
         category: a category of that benchmark (see :func:`list_categories`).
         split: ``"train"`` or ``"test"``.
         image_size: output side S; None keeps the native size (all images of the category must share one square
-            size). Images are resized with antialiased ``resample`` (``"bilinear"``, or ``"bicubic"`` as AAND's
-            code does).
+            size) and leaves the choice to the model: ``adcore.fit`` and ``adcore.evaluate`` then serve the images at
+            the side the model expects (its own ``image_size``, or its default recipe's). Images are resized with
+            antialiased ``resample`` (``"bilinear"``, or ``"bicubic"`` as AAND's code does).
         mask_size: output mask side; None means ``image_size``. Masks are resized with nearest neighbour.
         data_root: the benchmark's root folder; for ``textures`` the cache folder (default ``$ADCORE_DATA_DIR`` or
             ``~/.cache/adcore``).
-        cache_in_memory: keep decoded images after the first read; None means True for the embedded benchmarks and
-            False for the real ones (hundreds of 1024² images).
+        cache_in_memory: keep decoded, resized images after the first read, so that each is decoded once per run
+            and not once per epoch. None: True for the embedded benchmarks; for the real ones True when the decoded
+            split (N × S² × 3 bytes plus its masks) takes at most a quarter of the memory available now
+            (:func:`adcore.data.folder.decoded_cache_fits`). False re-reads every file on every access.
 
     Raises:
         DataError: (a ValueError) for a missing root or category, a bad split, a test image without its mask, an
@@ -135,7 +138,6 @@ def load_dataset(name_or_root: str, category: str, split: str, *, image_size: in
     name = str(name_or_root)
     split = check_split(split)
     embedded = name in EMBEDDED
-    cache = embedded if cache_in_memory is None else cache_in_memory
     if name == "digits":
         from . import digits
         return digits.load(category, split, image_size=image_size, mask_size=mask_size, resample=resample)
@@ -154,8 +156,11 @@ def load_dataset(name_or_root: str, category: str, split: str, *, image_size: in
         samples = scan_layout(root, category, split, FOLDER_LAYOUT)
         name = root.resolve().name
     cat_root = str(root / category) if name != "visa" else str(root)
-    return AnomalyDataset(name, category, split, samples, image_size=image_size, mask_size=mask_size,
-                          has_masks=True, cache_in_memory=cache, root=cat_root, resample=resample)
+    data = AnomalyDataset(name, category, split, samples, image_size=image_size, mask_size=mask_size,
+                          has_masks=True, cache_in_memory=bool(cache_in_memory), root=cat_root, resample=resample)
+    if cache_in_memory is None:
+        data.cache_in_memory = embedded or decoded_cache_fits(data.decoded_bytes())
+    return data
 
 
 __all__ = ["BENCHMARKS", "category_dir", "list_categories", "load_dataset"]

@@ -164,6 +164,15 @@ def _level_masks(masks: torch.Tensor, sizes, threshold: float = 0.3) -> list[tor
 _FOREGROUND_MODES = ("all", "bright", "dark", "disk")
 
 
+def _milestones_ok(value) -> bool:
+    """Increasing epochs (ints ≥ 1) or increasing fractions (floats in (0, 1)), not a mix."""
+    if not isinstance(value, (list, tuple)) or not value or any(isinstance(m, bool) for m in value):
+        return False
+    ints, fractions = all(isinstance(m, int) and m >= 1 for m in value), all(
+        isinstance(m, float) and 0 < m < 1 for m in value)
+    return (ints or fractions) and list(value) == sorted(set(value))
+
+
 def _unwrap(dataset):
     """The dataset under any ``torch.utils.data.Subset`` layers."""
     while hasattr(dataset, "dataset") and hasattr(dataset, "indices"):
@@ -196,8 +205,10 @@ class AAND(ReverseDistillation):
             or one of ``"all"``, ``"bright"``, ``"dark"``, ``"disk"``.
         foreground_threshold: grey threshold for ``"bright"``/``"dark"``.
         clean_prob: fraction of Stage-I images without a pseudo-anomaly (AAND: 0.2).
-        milestones_amplify, milestones_distill: epochs where the lr drops ×0.2 (AAND: (80, 90) of 100 and (96, 108)
-            of 120); None keeps it constant.
+        milestones_amplify, milestones_distill: where the lr drops ×0.2: ints are epochs, set explicitly; floats in
+            (0, 1) are fractions of the stage's epochs (``fit`` sets ``planned_epochs``), so that they follow an
+            epoch override: the paper recipe's (0.8, 0.9) are AAND's (80, 90) of 100 and (96, 108) of 120, and
+            (40, 45) of 50. None keeps the lr constant.
         cache_teacher: in Stage II, keep each training image's amplified teacher features after its first epoch
             instead of recomputing them every step (the same values: the teacher is frozen and the images are not
             augmented). Memory: the three levels of every training image, on the training device: 168 KB per image
@@ -224,10 +235,11 @@ class AAND(ReverseDistillation):
             num_epochs={"amplify": 100, "distill": 120}, lr=0.005, batch_size=16, image_size=256,
             model_params=dict(backbone="wide_resnet50_2", num_items=50, hard_k=10, clean_prob=0.2,
                               foreground="auto", bottleneck_dim=2048, ocbe_blocks=3, ocbe_ratio=0.5,
-                              decoder_blocks=(3, 4, 6), decoder_ratio=0.5, milestones_amplify=(80, 90),
-                              milestones_distill=(96, 108)),
+                              decoder_blocks=(3, 4, 6), decoder_ratio=0.5, milestones_amplify=(0.8, 0.9),
+                              milestones_distill=(0.8, 0.9)),
             source="Hui-design/AAND train.py: Stage I 100 epochs, MultiStepLR [80, 90] x0.2; Stage II 120 epochs, "
-                   "[96, 108] x0.2; Adam lr 0.005 betas (0.5, 0.999); batch 16; 256 px, resized bicubically as "
+                   "[96, 108] x0.2 (both 0.8 and 0.9 of the stage, written as those fractions so that they follow "
+                   "an epoch override); Adam lr 0.005 betas (0.5, 0.999); batch 16; 256 px, resized bicubically as "
                    "there; WideResNet-50-2; the student is RD4AD's BN_layer + de_wide_resnet50_2 (hq-deng/RD4AD), "
                    "full width.", resample="bicubic"),
     }
@@ -240,6 +252,10 @@ class AAND(ReverseDistillation):
             raise ValueError(f"foreground must be 'auto', 'all', 'bright', 'dark' or 'disk', got {foreground!r}")
         if isinstance(hard_k, bool) or not isinstance(hard_k, int) or hard_k < 0:
             raise ValueError(f"hard_k must be a non-negative int, got {hard_k!r}")
+        for name, value in (("milestones_amplify", milestones_amplify), ("milestones_distill", milestones_distill)):
+            if value is not None and not _milestones_ok(value):
+                raise ValueError(f"{name} must be None, increasing epochs (ints) or increasing fractions of the "
+                                 f"stage's epochs (floats in (0, 1)), got {value!r}")
         super().__init__(**rd_params)
         self.use_amplify = bool(amplify)
         self.stages = ("amplify", "distill") if amplify else ("distill",)
@@ -299,9 +315,27 @@ class AAND(ReverseDistillation):
         else:
             raise ValueError(f"AAND has stages {self.stages}, got {stage!r}")
         optimizer = torch.optim.Adam(params, lr=lr, betas=(0.5, 0.999))
-        milestones = self.milestones[stage]
-        scheduler = None if not milestones else torch.optim.lr_scheduler.MultiStepLR(optimizer, list(milestones), 0.2)
+        milestones = self.stage_milestones(stage)
+        scheduler = None if not milestones else torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, 0.2)
         return optimizer, scheduler
+
+    def stage_milestones(self, stage: str) -> list[int] | None:
+        """The stage's milestones in epochs: as given if ints, else those fractions of its planned epochs."""
+        milestones = self.milestones[stage]
+        if not milestones or all(isinstance(m, int) for m in milestones):
+            return None if not milestones else list(milestones)
+        planned = getattr(self, "planned_epochs", None)
+        if not planned or stage not in planned:
+            raise ValueError(f"milestones {list(milestones)} are fractions of the {stage} epochs, which only adcore.fit "
+                             "knows (it sets model.planned_epochs); pass epochs (ints) to train otherwise")
+        return [round(m * planned[stage]) for m in milestones]
+
+    def decided(self) -> dict:
+        """What training resolved: the foreground rule ("auto" → the category's) and the milestones in epochs."""
+        mode, threshold, native = self.foreground_rule
+        planned = getattr(self, "planned_epochs", None) or {}
+        return {"foreground": {"mode": mode, "threshold": threshold, "native_side": native},
+                "milestones": {s: self.stage_milestones(s) for s in self.stages if s in planned}}
 
     def amplified_teacher(self, images: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Teacher features after amplification with the predicted gates, and the gates (B, h_l, w_l) per level."""

@@ -201,7 +201,10 @@ class DMAD(ReverseDistillation):
         deformation_in_map: add the deformation term to the pixel map too, with the same weight (DMAD's pixel
             score); False: the reconstruction map alone.
         score_sigma: Gaussian σ (pixels at image resolution) before the max in the image score (the shared 4).
-        cosine_epochs: if set, cosine-anneal the lr over this many epochs (DMAD: 400); None keeps it constant.
+        cosine_epochs: cosine-anneal the lr over a period of this many epochs: an int is epochs, set explicitly;
+            a float in (0, 1] is a fraction of the training's ``num_epochs`` (``fit`` sets ``planned_epochs``), so
+            the period follows an epoch override: the paper recipe's 1.0 is DMAD's T_max = 400 of 400 epochs, and
+            50 epochs anneal over 50. None keeps the lr constant.
         ocbe_width: sp mode's per-level squeeze width (DMAD: 64); px mode uses RD4AD's OCBE and ignores it.
         **rd_params: the reverse-distillation core's parameters (:class:`ReverseDistillation`).
     """
@@ -224,8 +227,9 @@ class DMAD(ReverseDistillation):
             model_params=dict(backbone="wide_resnet50_2", num_codes=200, offset_width=64, offset_stride=1,
                               ocbe_width=64, bottleneck_dim=2048, ocbe_blocks=3, ocbe_ratio=0.5,
                               decoder_blocks=(3, 4, 6), decoder_ratio=0.5, deformation_weight=0.05,
-                              deformation_in_map=False, cosine_epochs=400),
-            source=f"{_SOURCE}: 400 epochs, AdamW lr 0.005 betas (0.5, 0.999), CosineAnnealingLR(T_max=400), "
+                              deformation_in_map=False, cosine_epochs=1.0),
+            source=f"{_SOURCE}: 400 epochs, AdamW lr 0.005 betas (0.5, 0.999), CosineAnnealingLR(T_max=400) (here "
+                   "cosine_epochs=1.0, the whole training, so that the period follows an epoch override), "
                    "batch 8, 256 px, WideResNet-50-2, RD4AD's full-width student. Two models (mode='sp' for the "
                    "image results, 'px' for the pixel results) train with these same settings; paper.yaml says "
                    "mode: both."),
@@ -244,8 +248,11 @@ class DMAD(ReverseDistillation):
         for name, value in [("max_offset_coarse", max_offset_coarse), ("max_offset_fine", max_offset_fine)]:
             if not 0 < value < 1:
                 raise ValueError(f"{name} is a fraction of the image side and must be in (0, 1), got {value!r}")
-        if cosine_epochs is not None and (not isinstance(cosine_epochs, int) or cosine_epochs < 1):
-            raise ValueError(f"cosine_epochs must be None or a positive int, got {cosine_epochs!r}")
+        epochs_ok = isinstance(cosine_epochs, int) and not isinstance(cosine_epochs, bool) and cosine_epochs >= 1
+        fraction_ok = isinstance(cosine_epochs, float) and 0 < cosine_epochs <= 1
+        if cosine_epochs is not None and not (epochs_ok or fraction_ok):
+            raise ValueError(f"cosine_epochs must be None, a positive int (epochs) or a float in (0, 1] (a fraction "
+                             f"of num_epochs), got {cosine_epochs!r}")
         vq = (mode == "sp") if vq is None else bool(vq)
         if mode == "px" and vq:
             raise ValueError("mode='px' is DMAD's pixel-level model, which has no VQ; use mode='sp' for VQ")
@@ -268,9 +275,23 @@ class DMAD(ReverseDistillation):
         params = self.student_parameters() + ([] if self.quantizer is None else list(self.quantizer.parameters()))
         params += [] if self.offsets is None else list(self.offsets.parameters())
         optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.5, 0.999))
-        scheduler = None if self.cosine_epochs is None else torch.optim.lr_scheduler.CosineAnnealingLR(
-            optimizer, T_max=self.cosine_epochs)
+        period = self.cosine_period(stage)
+        scheduler = None if period is None else torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=period)
         return optimizer, scheduler
+
+    def cosine_period(self, stage: str = "main") -> int | None:
+        """T_max in epochs: ``cosine_epochs`` if an int, else that fraction of the stage's planned epochs."""
+        if self.cosine_epochs is None or isinstance(self.cosine_epochs, int):
+            return self.cosine_epochs
+        planned = getattr(self, "planned_epochs", None)
+        if not planned:
+            raise ValueError(f"cosine_epochs={self.cosine_epochs} is a fraction of num_epochs, which only adcore.fit "
+                             "knows (it sets model.planned_epochs); pass an int to train otherwise")
+        return max(1, round(self.cosine_epochs * planned[stage]))
+
+    def decided(self) -> dict:
+        """What training resolved: the cosine period in epochs (None: constant lr)."""
+        return {"cosine_epochs": self.cosine_period() if getattr(self, "planned_epochs", None) else None}
 
     def _forward(self, images: torch.Tensor) -> dict:
         """Deform, encode, quantise, reconstruct; everything the loss and the scores need."""

@@ -13,7 +13,7 @@ THREADS_VAR = "ADCORE_THREADS"  # set by the runner for each run, so a results f
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")  # torch, MKL and OpenBLAS read these
 LIBRARIES = ("adcore", "torch", "numpy", "scipy", "scikit-learn")
 # Fields of a results file that record when and how long, not what was measured; a rerun differs only in these.
-TIMING_FIELDS = ("created", "eval_seconds", "fit_seconds")
+TIMING_FIELDS = ("created", "eval_seconds", "fit_seconds", "fit_timing")
 
 
 def thread_env(threads: int) -> dict[str, str]:
