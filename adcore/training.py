@@ -388,7 +388,8 @@ def fit(model: AnomalyModel, train_data, *, num_epochs=None, lr: float | None = 
                     loss.backward()
                     optimizer.step()
                     record = {"stage": stage, "epoch": epoch, "step": step}
-                    record.update({k: float(v.detach()) for k, v in out.items() if torch.is_tensor(v) and v.numel() == 1})
+                    record.update({k: float(v.detach()) for k, v in out.items()
+                                   if torch.is_tensor(v) and v.numel() == 1})
                     history.append(record)
                     waited = time.perf_counter()  # float() above waited for the device: the step is done
                     step_seconds += waited - stepped

@@ -137,7 +137,8 @@ def test_lean_checkpoint_resumes_bit_for_bit(tree, tmp_path):
     state = torch.load(tmp_path / "ckpt" / CHECKPOINT_NAME, weights_only=True)
     assert (state["stage_index"], state["next_epoch"]) == (1, 1)
     assert not [k for k in state["model"] if k.startswith("encoder.")], "the frozen backbone was stored"
-    assert state["frozen"]["encoder"]["name"] == "efficientnet_lite0" and len(state["frozen"]["encoder"]["sha256"]) == 64
+    frozen = state["frozen"]["encoder"]
+    assert frozen["name"] == "efficientnet_lite0" and len(frozen["sha256"]) == 64
     assert state["elapsed_seconds"] > 0 and state["sessions"] == 1
 
     resumed = _aand()
@@ -268,6 +269,24 @@ def test_run_experiment_size_is_the_models_and_recorded(tree):
     assert r["fit_seconds"] > 0 and r["fit_timing"]["sessions"] == 1 and r["fit_timing"]["steps"] == 2
 
 
+def test_deterministic_is_a_run_setting_applied_on_cuda(tree, monkeypatch):
+    """issue 20: a CUDA run sets deterministic mode before it trains (the fused attention's dQ then avoids atomics);
+    the results record it. The device is faked for run_experiment alone; fit still runs on the CPU."""
+    import adcore.runs.experiment as experiment
+
+    calls = []
+    monkeypatch.setattr(experiment, "set_deterministic", calls.append)
+    monkeypatch.setattr(experiment, "resolve_device", lambda device: torch.device("cuda"))
+    kw = dict(dataset="mvtec", data_root=str(tree), categories=["cable"], image_size=32, results_dir=None,
+              checkpoint_root=None, progress=False, keep_arrays=False, keep_models=False)
+    r = run_experiment("center_prior", **kw).results[0]
+    assert calls == [True] and r["runtime"]["deterministic"] is True
+    assert run_experiment("center_prior", deterministic=False, **kw).results[0]["runtime"]["deterministic"] is False
+    assert calls == [True, False]
+    with pytest.raises(ValueError, match="deterministic must be True or False"):
+        run_experiment("center_prior", deterministic="yes", **kw)
+
+
 # ---------------------------------------------------------------- run-time decisions and schedules
 
 
@@ -325,6 +344,7 @@ def test_paper_configs_say_fp32_and_no_test_curves(notebook):
     defaults = parse_parameters(ROOT / "notebooks" / f"{notebook}.ipynb")
     paper = yaml.safe_load((ROOT / "notebooks" / "params" / notebook / "paper.yaml").read_text())
     assert defaults["amp"] is False and paper["amp"] is False
+    assert defaults["deterministic"] is True and "deterministic" not in paper  # the book's runs: repeatable on a GPU
     assert defaults["num_workers"] is None and defaults["cache_in_memory"] is None
     assert defaults["image_size"] is None and isinstance(paper["image_size"], int)
     if "test_curve_every" in defaults:  # the notebooks whose curves the shortcuts chapter reads

@@ -389,11 +389,11 @@ def test_reproduce_command_plans_the_same_run(nbdir, tmp_path):
         from adcore.__main__ import _parser
         parsed = _parser().parse_args(["run", *args])
         again = plan.plan_runs([tmp_path / parsed.notebooks[0]], parsed.params, parsed.categories or [None],
-                                parsed.seeds or [None], runs_dir=tmp_path / "runs", check_data=False)
+                                parsed.seeds or [None], runs_dir=tmp_path / "runs", check_data=False,
+                                sets=plan.parse_sets(parsed.set))
         drop = lambda params: {k: v for k, v in params.items() if k != "results_dir"}  # noqa: E731
         assert len(again) == 1 and drop(again[0].params) == drop(run.params)
-        if not isinstance(run.params["categories"], list) or len(run.params["categories"]) == 1:
-            assert again[0].key == run.key  # the same folder name, so the same files
+        assert again[0].key == run.key  # the same folder name, so the same files (several categories: --set)
 
 
 def test_a_lock_from_another_host_holds_until_its_lease_expires(nbdir, tmp_path):

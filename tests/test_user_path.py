@@ -25,11 +25,17 @@ def _user_args(fake_mvtec, weights):
 
 
 @pytest.fixture(scope="module")
-def user_book(fake_mvtec_tree, fake_wrn_weights, tmp_path_factory):
+def user_tree(fake_mvtec_factory):
+    """The two categories the user runs, with few images: twelve notebook runs train on it."""
+    return fake_mvtec_factory(CATEGORIES, image_size=64, n_train=4, n_test=2)
+
+
+@pytest.fixture(scope="module")
+def user_book(user_tree, fake_wrn_weights, tmp_path_factory):
     """1. ``run`` with the user's flags; 2. ``book`` with the same flags over those runs (it runs none again)."""
     tmp = tmp_path_factory.mktemp("user")
     runs_dir = tmp / "runs"
-    args = _user_args(fake_mvtec_tree, fake_wrn_weights)
+    args = _user_args(user_tree, fake_wrn_weights)
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(REPO)
         assert main(["run", *args, "--runs-dir", str(runs_dir), "--jobs", "2", "--no-progress"]) == 0
@@ -54,12 +60,12 @@ def test_papers_settings_on_a_users_mvtec_folder_make_one_table(user_book):
 
 
 @pytest.mark.notebook
-def test_the_appendix_reproduces_each_run_with_the_users_folder(user_book, fake_mvtec_tree, capsys):
+def test_the_appendix_reproduces_each_run_with_the_users_folder(user_book, user_tree, capsys):
     manifest = collect.load_manifest(user_book / "runs" / "manifest.json")
     assert len(manifest) == 12 and all(r["status"] in ("ok", "skipped") for r in manifest)
     for run in manifest:
         cmd = collect.reproduce_command(run, repo_root=REPO)
-        assert f"data_root={fake_mvtec_tree}" in cmd
+        assert f"data_root={user_tree}" in cmd
         with pytest.MonkeyPatch.context() as mp:
             mp.chdir(REPO)
             assert main([*shlex.split(cmd)[3:], "--dry-run"]) == 0
@@ -70,15 +76,29 @@ def test_the_appendix_reproduces_each_run_with_the_users_folder(user_book, fake_
     assert set(sizes.values()) == {64}, sizes
 
 
-def test_a_users_folder_of_their_own_plans_with_set_dataset(fake_mvtec_tree, fake_wrn_weights, tmp_path, capsys,
-                                                            monkeypatch):
+def test_a_folder_of_ones_own_runs_with_set_dataset(user_tree, fake_wrn_weights, tmp_path, capsys, monkeypatch):
+    """A folder in MVTec AD's layout that is not MVTec AD (its own category names): every paper config plans on it,
+    and the baselines run on it for real, their results naming the folder."""
+    import shutil
+
+    folder = tmp_path / "my_parts"
+    for src, name in zip(CATEGORIES, ("widget", "gasket")):
+        shutil.copytree(user_tree / src, folder / name)
     monkeypatch.chdir(REPO)
-    category = fake_mvtec_tree / CATEGORIES[0]
-    assert main(["run", "--params", "paper", "--set", *SHORT, f"weights_path={fake_wrn_weights}",
-                 f"dataset={fake_mvtec_tree}", "--runs-dir", str(tmp_path), "--dry-run"]) == 0
+    flags = ["--params", "paper", "--set", *SHORT, f"weights_path={fake_wrn_weights}", f"dataset={folder}",
+             "--runs-dir", str(tmp_path / "runs")]
+    assert main(["run", *flags, "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert f"'dataset': '{fake_mvtec_tree}'" in out and category.is_dir()
-    assert re.search(r"^6 run\(s\):", out, re.M)
+    assert re.search(r"^6 run\(s\):", out, re.M) and out.count(f"'dataset': '{folder}'") == 6
+    # the baselines train nothing, so the epoch keys would reach no selected notebook: an error, by design
+    assert main(["run", "baselines", *flags, "--categories", "gasket", "--no-progress"]) == 2
+    assert "no selected notebook has a parameter 'num_epochs'" in capsys.readouterr().err
+    assert main(["run", "baselines", "--params", "paper", "--set", "image_size=64", "device=cpu",
+                 f"weights_path={fake_wrn_weights}", f"dataset={folder}", "--runs-dir", str(tmp_path / "runs"),
+                 "--categories", "gasket", "--no-progress"]) == 0
+    results = collect.collect_results(collect.load_manifest(tmp_path / "runs" / "manifest.json"))
+    assert {(r["method"], r["category"]) for r in results} == {("knn", "gasket"), ("center_prior", "gasket")}
+    assert all(r["params"]["dataset"] == str(folder) and r["image_size"] == 64 for r in results)
 
 
 def test_a_paper_config_without_data_root_names_the_flag(tmp_path, capsys, monkeypatch):

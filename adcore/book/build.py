@@ -148,8 +148,8 @@ def build_book(*, grid=None, grids=None, sets=(), budget_grid=BUDGET_GRID, smoke
             (``python -m adcore run --grid <it>`` does that); the chapter shows the finished ones and lists the rest.
         smoke: every notebook with its ``smoke`` parameter file instead (the CI-sized book).
         notebooks: restrict to these notebooks.
-        jobs, executor, threads: how the paper notebooks run (see :func:`adcore.runs.execute.execute_runs`); the chapters
-            always run here, one at a time.
+        jobs, executor, threads: how the paper notebooks run (see :func:`adcore.runs.execute.execute_runs`); the
+            chapters always run here, one at a time.
         runs_dir: where runs live (finished ones are reused).
         book_dir: the book's sources (``_config.yml``, ``_toc.yml``, ``intro.md``, ``chapters/*.ipynb``).
         out_dir: where ``_build/src`` (staged sources) and ``_build/html`` go; default ``book_dir``.

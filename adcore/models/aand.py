@@ -326,8 +326,8 @@ class AAND(ReverseDistillation):
             return None if not milestones else list(milestones)
         planned = getattr(self, "planned_epochs", None)
         if not planned or stage not in planned:
-            raise ValueError(f"milestones {list(milestones)} are fractions of the {stage} epochs, which only adcore.fit "
-                             "knows (it sets model.planned_epochs); pass epochs (ints) to train otherwise")
+            raise ValueError(f"milestones {list(milestones)} are fractions of the {stage} epochs, which only "
+                             "adcore.fit knows (it sets model.planned_epochs); pass epochs (ints) to train otherwise")
         return [round(m * planned[stage]) for m in milestones]
 
     def decided(self) -> dict:

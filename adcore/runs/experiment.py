@@ -16,7 +16,7 @@ from ..evaluation import evaluate, image_scores
 from ..recipes import recipes_of
 from ..registry import create_model, get_recipe, model_class
 from ..training import finished_copy, fit
-from ..utils import atomic_write_bytes, params_hash, seed_everything
+from ..utils import atomic_write_bytes, params_hash, resolve_device, seed_everything, set_deterministic
 
 METRICS = ("image_auroc", "pixel_auroc", "aupro")
 
@@ -96,7 +96,7 @@ def run_experiment(model_name: str, *, model_params: dict | None = None, dataset
                    keep_models: bool = True, keep_arrays: bool = True,
                    test_curve_every: int | None = None, resample: str | None = None, num_workers: int | None = None,
                    cache_in_memory: bool | None = None, amp: bool = False,
-                   lean_checkpoint: bool = True) -> ExperimentResult:
+                   lean_checkpoint: bool = True, deterministic: bool = True) -> ExperimentResult:
     """Train ``model_name`` from scratch on each category's normal images and evaluate it on the test split.
 
     ``num_epochs``, ``lr``, ``batch_size`` and ``resample`` (how images are resized) left as None come from the
@@ -123,6 +123,11 @@ def run_experiment(model_name: str, *, model_params: dict | None = None, dataset
     what the model decided while training (``decided``: AAND's foreground rule, the schedules' resolved epochs),
     ``fit_seconds``, summed over every session that resumed the run, and ``fit_timing`` (sessions, and this session's
     seconds waiting for data and in the optimisation steps).
+
+    ``deterministic=True`` (the default, and the book's) makes a CUDA run repeatable to the digit on one GPU and
+    software stack (:func:`adcore.utils.set_deterministic`: deterministic algorithms, which the fused attention's
+    atomic-free dQ follows; about 1.5x its backward's exp/log work). CPU runs are repeatable at a fixed thread count
+    either way, so it changes nothing there.
     """
     model_params = dict(model_params or {})
     if categories is None:
@@ -139,6 +144,10 @@ def run_experiment(model_name: str, *, model_params: dict | None = None, dataset
         model_params["image_size"] = image_size
     if not isinstance(amp, bool):
         raise ValueError(f"amp must be True or False, got {amp!r}")
+    if not isinstance(deterministic, bool):
+        raise ValueError(f"deterministic must be True or False, got {deterministic!r}")
+    if resolve_device(device).type == "cuda":
+        set_deterministic(deterministic)  # before any CUDA matmul: cuBLAS reads its workspace setting once
     if cache_in_memory is not None and not isinstance(cache_in_memory, bool):
         raise ValueError(f"cache_in_memory must be None (decide by memory), True or False, got {cache_in_memory!r}")
     curves = test_curve_every is not None and not (type(test_curve_every) is int and test_curve_every == 0)
@@ -182,7 +191,8 @@ def run_experiment(model_name: str, *, model_params: dict | None = None, dataset
         fit_seconds = load_seconds + timing["seconds"]
         runtime = {"image_size": image_size, "cache_in_memory": bool(train.cache_in_memory),
                    "num_workers": timing["num_workers"], "pin_memory": timing["pin_memory"], "amp": amp,
-                   "lean_checkpoint": lean_checkpoint, "test_curve_every": test_curve_every if curves else None}
+                   "lean_checkpoint": lean_checkpoint, "test_curve_every": test_curve_every if curves else None,
+                   "deterministic": deterministic}
         # how long, not what: this session's seconds waiting for batches and in the steps, and how many sessions
         fit_timing = {"sessions": timing["sessions"], "data_seconds": round(timing["data_seconds"], 2),
                       "step_seconds": round(timing["step_seconds"], 2), "steps": timing["steps"]}

@@ -198,14 +198,14 @@ def _check_data(merged: dict, source: str) -> None:
     if "dataset" not in merged:
         return
     from ..data import DataError, list_categories
+    from ..data.benchmarks import BENCHMARKS
 
     try:
         found = list_categories(merged["dataset"], data_root=merged.get("data_root"))
     except DataError as e:
-        if merged.get("data_root") is None and "data_root" in str(e):
-            raise ParameterError(f"bad {source}: dataset {merged['dataset']!r} is read from disk; give its folder "
-                                 "with --data-root /path/to/it (or --set data_root=..., or data_root: in a parameter "
-                                 "file)") from None
+        if merged.get("data_root") is None and merged["dataset"] in BENCHMARKS:
+            raise DataError(f"bad {source}: {e}; on the command line: --data-root /path/to/it (or --set "
+                            "data_root=...)") from None
         raise
     cats = merged.get("categories", merged.get("category"))
     if cats is None:
@@ -286,8 +286,8 @@ def plan_runs(notebooks, params=("default",), categories=(None,), seeds=(None,),
     sets = list(sets or ())
     check_sets(sets, notebooks)
     if any(s is not None for s in seeds) and not any("seed" in parse_parameters(nb) for nb in notebooks):
-        raise ParameterError(f"no selected notebook has a 'seed' parameter ({[nb.stem for nb in notebooks]}), so the "
-                             "grid cannot set seeds")
+        raise ParameterError(f"{', '.join(nb.stem for nb in notebooks)}: no 'seed' parameter, so the grid cannot set "
+                             "seeds")
     runs, keys = [], set()
     checked = set()
     for nb in notebooks:
