@@ -1,7 +1,7 @@
 """Seconds per epoch of every paper configuration at the paper's image size, split into data and model time.
 
 For each paper config (the five notebooks' ``paper.yaml`` model settings; DMAD's two models separately) on a fake
-MVTec-layout tree of 1024-px PNGs (MVTec AD's largest native size), this prints:
+MVTec AD tree (:func:`adcore.data.make_fake_mvtec`, 1024-px PNGs: MVTec AD's largest native size), this prints:
 
 - data: seconds to read, decode and resize one image (``cache_in_memory=False``, what every epoch paid before), and
   to serve it from the decoded cache (what every epoch after the first pays now), and their ratio;
@@ -27,13 +27,12 @@ import time
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 import yaml
-from PIL import Image
 
 import adcore
 from adcore import fit, load_dataset
+from adcore.data import make_fake_mvtec
 from adcore.runs.experiment import _takes_image_size
 from adcore.training import CHECKPOINT_NAME, frozen_modules
 from adcore.utils import seed_everything
@@ -48,17 +47,8 @@ CONFIGS = [("vt_adl", "vt_adl", None), ("advit", "advit", None), ("anovit", "ano
 
 
 def fake_tree(root: Path, n: int) -> Path:
-    """<root>/cable/train/good/000.png ... at NATIVE px: smooth shading plus noise, so PNG decoding costs what a
-    photograph's does. (To be replaced by ``adcore.data.make_fake_mvtec`` when it lands.)"""
-    rng = np.random.default_rng(0)
-    folder = root / "cable" / "train" / "good"
-    folder.mkdir(parents=True)
-    yy, xx = np.mgrid[:NATIVE, :NATIVE] / NATIVE
-    for i in range(n):
-        base = 80 + 60 * np.sin(6 * xx + i)[..., None] + 40 * yy[..., None] * np.array([1.0, 0.8, 0.6])
-        pixels = np.clip(base + rng.normal(0, 6, (NATIVE, NATIVE, 3)), 0, 255).astype(np.uint8)
-        Image.fromarray(pixels).save(folder / f"{i:03d}.png")
-    return root
+    """A fake MVTec AD ``cable`` (:func:`adcore.data.make_fake_mvtec`) with ``n`` training images at NATIVE px."""
+    return make_fake_mvtec(root / "mvtec", ["cable"], image_size=NATIVE, n_train=n, n_test=1)
 
 
 def paper_model(notebook: str, mode: str | None):
