@@ -74,8 +74,7 @@ def _parser() -> argparse.ArgumentParser:
     sel.add_argument("--categories", nargs="+", help="run each of these categories separately")
     sel.add_argument("--seeds", nargs="+", type=int, help="run each of these seeds")
 
-    r = sub.add_parser("run", parents=[common, select], help="run notebooks over a grid of parameters with papermill",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    r = sub.add_parser("run", parents=[common, select], help="run notebooks over a grid of parameters with papermill")
     r.add_argument("--dry-run", action="store_true", help="validate and list the runs, execute nothing")
 
     b = sub.add_parser("book", parents=[common, select], help="run the selected runs (by default the book's grid, "
