@@ -431,3 +431,25 @@ def test_compare_checks_every_digit_of_the_shared_results_files(tmp_path, capsys
     assert "DIFFERS nb/nb-default-x-s0/results/r.json: image_auroc" in capsys.readouterr().out
     assert main(["compare", str(tmp_path / "a"), str(tmp_path / "nowhere")]) == 2
     assert main(["compare", str(tmp_path / "a"), str(tmp_path)]) == 1  # nothing shared is not a pass
+
+
+def test_saving_a_notebook_with_outputs_and_metadata_keeps_its_runs_finished(nbdir, tmp_path):
+    """A run is stale when its notebook's sources change, not when a front end saves outputs, counts or metadata."""
+    import nbformat
+
+    nb_path = nbdir / "ok.ipynb"
+    before = plan.plan_runs([nb_path], runs_dir=tmp_path / "runs", check_data=False)[0]
+    nb = nbformat.read(str(nb_path), as_version=4)
+    nb.metadata["kernelspec"] = {"name": "adcore", "display_name": "adcore (.venv)", "language": "python"}
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            cell.execution_count = 7
+            cell.outputs = [nbformat.v4.new_output("stream", name="stdout", text="hello\n")]
+            cell.metadata["collapsed"] = True
+    nbformat.write(nb, str(nb_path))
+    same = plan.plan_runs([nb_path], runs_dir=tmp_path / "runs", check_data=False)[0]
+    assert same.notebook_sha == before.notebook_sha and same.key == before.key
+    nb.cells[-1].source += "\nprint('changed')"
+    nbformat.write(nb, str(nb_path))
+    changed = plan.plan_runs([nb_path], runs_dir=tmp_path / "runs", check_data=False)[0]
+    assert changed.notebook_sha != before.notebook_sha

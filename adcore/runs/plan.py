@@ -47,7 +47,14 @@ class Run:
 
 
 def _sha(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+    """What decides a notebook's results: its cells' types and sources, each stripped of trailing whitespace. Outputs,
+    execution counts and metadata are left out, so opening and saving a notebook in JupyterLab does not make its
+    finished runs stale."""
+    import nbformat
+
+    nb = nbformat.read(str(path), as_version=4)
+    cells = [[c.cell_type, "\n".join(line.rstrip() for line in c.source.strip().splitlines())] for c in nb.cells]
+    return hashlib.sha256(json.dumps(cells).encode()).hexdigest()[:16]
 
 
 def resolve_notebooks(names, notebooks_dir=NOTEBOOKS_DIR) -> list[Path]:
