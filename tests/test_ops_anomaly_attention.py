@@ -3,6 +3,7 @@
 Shapes stay tiny: the interpreter costs milliseconds per tile. On a CUDA machine the Triton cases run on the GPU
 instead (the interpreter is only switched on where there is no GPU); tests/test_kernels_gpu.py adds GPU-sized cases.
 """
+import contextlib
 import os
 
 import torch
@@ -349,7 +350,8 @@ def test_bad_sigma_sets_the_device_flag_once(dev, grid):
     once and clears it, and a good call leaves it clear."""
     import kernels.anomaly_attention as aa
     q, k, v, sigma = make_inputs(1, 1, grid, 4, device=dev)
-    ops.check_sigma_flag(dev)  # clear anything an earlier test left
+    with contextlib.suppress(ValueError):  # clear what an earlier test in this process left (xdist orders vary)
+        ops.check_sigma_flag(dev)
     aa.AnomalyAttentionFunction.apply(q, k, v, sigma, grid, 1e-4, "ieee")
     ops.check_sigma_flag(dev)  # a good sigma: no flag
     sigma[0, 0, 1] = -1.0
