@@ -4,6 +4,7 @@ exactly those runs, whose comparison page holds one table, categories down and m
 import ast
 import re
 import shlex
+import shutil
 from pathlib import Path
 
 import pytest
@@ -17,10 +18,15 @@ CATEGORIES = ("bottle", "carpet")
 # 64 px, AnoViT 16 of 16 px).
 SHORT = ["image_size=64", "num_epochs=1", "amplify_epochs=1", "distill_epochs=1", "batch_size=4", "device=cpu",
          "num_threads=1"]
+# Narrow heads on top, for the end-to-end runs only: the layering and the book are under test, not the paper widths,
+# whose checkpoints would write gigabytes (the paper-shape tests train those).
+NARROW = ["embed_dim=32", "depth=1", "num_heads=2", "num_components=3", "latent_dim=64", "decoder_width=16",
+          "num_codes=16", "offset_width=4", "ocbe_width=16", "bottleneck_dim=256", "ocbe_blocks=1",
+          "decoder_blocks=[1, 1, 1]", "decoder_ratio=0.25"]
 
 
 def _user_args(fake_mvtec, weights):
-    return ["--params", "paper", "--set", *SHORT, f"weights_path={weights}", "--data-root", str(fake_mvtec),
+    return ["--params", "paper", "--set", *SHORT, *NARROW, f"weights_path={weights}", "--data-root", str(fake_mvtec),
             "--categories", *CATEGORIES]
 
 
@@ -39,6 +45,8 @@ def user_book(user_tree, fake_wrn_weights, tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(REPO)
         assert main(["run", *args, "--runs-dir", str(runs_dir), "--jobs", "2", "--no-progress"]) == 0
+        for ckpt in runs_dir.glob("*/*/checkpoints"):  # resume is tested elsewhere; pytest keeps three sessions
+            shutil.rmtree(ckpt)
         assert main(["book", *args, "--runs-dir", str(runs_dir), "--out", str(tmp / "book"), "--no-progress",
                      "--no-run", "--chapters", "data", "comparison", "reproducibility"]) == 0
     return tmp
@@ -79,7 +87,6 @@ def test_the_appendix_reproduces_each_run_with_the_users_folder(user_book, user_
 def test_a_folder_of_ones_own_runs_with_set_dataset(user_tree, fake_wrn_weights, tmp_path, capsys, monkeypatch):
     """A folder in MVTec AD's layout that is not MVTec AD (its own category names): every paper config plans on it,
     and the baselines run on it for real, their results naming the folder."""
-    import shutil
 
     folder = tmp_path / "my_parts"
     for src, name in zip(CATEGORIES, ("widget", "gasket")):
