@@ -453,3 +453,20 @@ def test_saving_a_notebook_with_outputs_and_metadata_keeps_its_runs_finished(nbd
     nbformat.write(nb, str(nb_path))
     changed = plan.plan_runs([nb_path], runs_dir=tmp_path / "runs", check_data=False)[0]
     assert changed.notebook_sha != before.notebook_sha
+
+
+def test_two_book_builds_at_once_fetch_the_widget_javascript_once(tmp_path):
+    """Two builds (two test workers, two users of one checkout) starting together used to race on vendor.partial."""
+    import threading
+
+    script = tmp_path / "fetch.sh"
+    script.write_text('sleep 1; echo run >> "$1.count"; mkdir -p "$1/html-manager" "$1/mathjax"; '
+                      'touch "$1/require.js" "$1/html-manager/embed-amd.js" "$1/mathjax/tex-mml-chtml.js"\n')
+    dest = tmp_path / "vendor"
+    threads = [threading.Thread(target=book.fetch_widget_js, args=(dest, script)) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert (tmp_path / "vendor.count").read_text().splitlines() == ["run"]
+    assert (dest / "require.js").is_file()

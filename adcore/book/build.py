@@ -26,11 +26,17 @@ BOOK_CHAPTERS = ("data", "comparison", "budget", "shortcuts", "kernels", "reprod
 def fetch_widget_js(dest, script=None) -> Path:
     """Vendor the ipywidgets HTML manager, RequireJS and MathJax from npm (``book/fetch_widget_js.sh``) unless
     already there."""
+    from filelock import FileLock
+
     dest = Path(dest)
-    if all((dest / f).is_file() for f in ("require.js", "html-manager/embed-amd.js", "mathjax/tex-mml-chtml.js")):
-        return dest
-    script = Path(script or REPO / BOOK_DIR / "fetch_widget_js.sh")
-    proc = subprocess.run(["bash", str(script), str(dest)], capture_output=True, text=True)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    # two builds at once (a test worker each, or two users of one checkout) share dest.partial: one fetches, the other
+    # waits and finds it there
+    with FileLock(str(dest) + ".lock"):
+        if all((dest / f).is_file() for f in ("require.js", "html-manager/embed-amd.js", "mathjax/tex-mml-chtml.js")):
+            return dest
+        script = Path(script or REPO / BOOK_DIR / "fetch_widget_js.sh")
+        proc = subprocess.run(["bash", str(script), str(dest)], capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"could not vendor the widget JavaScript with {script}: {proc.stderr.strip()}\n"
                            "The book's viewers need it to work offline; run the script where npm can reach "
