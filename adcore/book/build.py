@@ -138,6 +138,15 @@ def _finished_status(run: Run, log, stale_note: str) -> dict:
     return {**asdict(run), **st, "status": "skipped" if ok else "missing", "stale": stale}
 
 
+def _default_grids(grid, smoke: bool, notebooks) -> list[dict]:
+    """The book's runs when no selection was given: the smoke grid, the grid file, or every notebook's defaults."""
+    if smoke:
+        return [{"notebooks": notebooks or "all", "params": ["smoke"], "categories": [None], "seeds": [None]}]
+    if grid is not None or DEFAULT_GRID.is_file():
+        return [{**g, "notebooks": notebooks} if notebooks else g for g in load_grid(grid or DEFAULT_GRID)]
+    return [{"notebooks": notebooks or "all", "params": ["default"], "categories": [None], "seeds": [None]}]
+
+
 def build_book(*, grid=None, grids=None, sets=(), budget_grid=BUDGET_GRID, smoke: bool = False, notebooks=None,
                jobs: int = 1, executor=None, threads: int = 1, force: bool = False, runs_dir="runs",
                book_dir=BOOK_DIR, out_dir=None, timeout: float | None = None,
@@ -171,15 +180,8 @@ def build_book(*, grid=None, grids=None, sets=(), budget_grid=BUDGET_GRID, smoke
     out_dir = Path(out_dir or book_dir)
     stage = out_dir / "_build" / "src"
     nb_dir = Path(notebooks[0]).parent if notebooks and str(notebooks[0]).endswith(".ipynb") else NOTEBOOKS_DIR
-    if grids is not None:
-        pass
-    elif smoke:
-        grids = [{"notebooks": notebooks or "all", "params": ["smoke"], "categories": [None], "seeds": [None]}]
-    elif grid is not None or DEFAULT_GRID.is_file():
-        grids = load_grid(grid or DEFAULT_GRID)
-        grids = [{**g, "notebooks": notebooks} if notebooks else g for g in grids]
-    else:
-        grids = [{"notebooks": notebooks or "all", "params": ["default"], "categories": [None], "seeds": [None]}]
+    if grids is None:
+        grids = _default_grids(grid, smoke, notebooks)
     runs = plan_grids(grids, runs_dir=runs_dir, notebooks_dir=nb_dir, threads=threads, sets=sets)
     budget_runs = []
     if budget_grid is not None and Path(budget_grid).is_file():  # never run here: listed, and shown where finished

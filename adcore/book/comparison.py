@@ -100,30 +100,23 @@ def category_table(results: list[dict], metrics=METRICS, published: bool | None 
     if not results:
         return pd.DataFrame()
     mvtec = all(is_mvtec(r) for r in results) if published is None else published
-    rows = [dict(r) for r in results]
-    if mvtec:  # the MVTec AD split means, computed the same way as the overall one
-        for r in results:
-            for name, cats in (("textures", MVTEC_TEXTURES), ("objects", MVTEC_OBJECTS)):
-                if r["category"] in cats:
-                    rows.append({**r, "category": f"__{name}"})
-    table = results_over_seeds([r for r in rows if not r["category"].startswith("__")], metrics)
-    splits = [results_over_seeds([{**r, "category": r["category"][2:]} for r in rows
-                                  if r["category"] == f"__{name}"], metrics) for name in ("textures", "objects")]
+    table = results_over_seeds(results, metrics)
+    splits = {}  # MVTec AD's textures and objects means: the "mean" row of each half's own table
+    if mvtec:
+        splits = {f"{name} mean": results_over_seeds([r for r in results if r["category"] in cats], metrics)
+                  for name, cats in (("textures", MVTEC_TEXTURES), ("objects", MVTEC_OBJECTS))}
     methods = list(dict.fromkeys(table.index.get_level_values("method")))
     methods = [m for m in methods if m not in BASELINES] + [m for m in BASELINES if m in methods]  # references last
     categories = [c for c in dict.fromkeys(table.index.get_level_values("category")) if c != "mean"]
     if mvtec:
         categories = sorted(categories, key=lambda c: (c not in MVTEC_TEXTURES, c))
-    index = [*categories, "mean"] + (["textures mean", "objects mean"] if mvtec else [])
+    index = [*categories, "mean", *splits]
     out = {}
     for m in methods:
         for metric in metrics:
             col = []
             for c in index:
-                source, cat = table, c
-                if c.endswith(" mean") and c != "mean":
-                    split = splits[0] if c.startswith("textures") else splits[1]
-                    source, cat = split, "mean"
+                source, cat = (splits[c], "mean") if c in splits else (table, c)
                 if (m, cat) in source.index:
                     row = source.loc[(m, cat)]
                     col.append(_text(row[metric], row[f"{metric}_std"], row["n_seeds"]))

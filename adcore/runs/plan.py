@@ -188,9 +188,9 @@ def _set_text(key: str, value) -> str:
     return f"{key}={json.dumps(value) if not isinstance(value, str) else value}"
 
 
-def check_sets(sets, notebooks) -> None:
-    """Every ``--set`` key must reach a selected notebook: a typo would otherwise be a silent no-op."""
-    stems = {Path(nb).stem: parse_parameters(nb) for nb in notebooks}
+def check_sets(sets, stems: dict[str, dict]) -> None:
+    """Every ``--set`` key must reach a selected notebook (``stems``: name → its parameters cell): a typo would
+    otherwise be a silent no-op."""
     for target, key, value in sets:
         if target is not None and target not in stems:
             raise ParameterError(f"--set {target}.{key}: notebook {target!r} is not selected; selected: "
@@ -291,14 +291,15 @@ def plan_runs(notebooks, params=("default",), categories=(None,), seeds=(None,),
     runs_dir = Path(runs_dir).resolve()
     notebooks = [Path(nb) for nb in notebooks]
     sets = list(sets or ())
-    check_sets(sets, notebooks)
-    if any(s is not None for s in seeds) and not any("seed" in parse_parameters(nb) for nb in notebooks):
+    cells = {nb: parse_parameters(nb) for nb in notebooks}  # each notebook read once, whatever the grid's size
+    check_sets(sets, {nb.stem: d for nb, d in cells.items()})
+    if any(s is not None for s in seeds) and not any("seed" in d for d in cells.values()):
         raise ParameterError(f"{', '.join(nb.stem for nb in notebooks)}: no 'seed' parameter, so the grid cannot set "
                              "seeds")
     runs, keys = [], set()
     checked = set()
     for nb in notebooks:
-        defaults = parse_parameters(nb)
+        defaults, notebook_sha = cells[nb], _sha(nb)
         set_values = _sets_for(nb.stem, defaults, sets)
         for spec in params:
             pname, overrides, spec_text = resolve_params(nb, spec)
@@ -336,7 +337,7 @@ def plan_runs(notebooks, params=("default",), categories=(None,), seeds=(None,),
                         injected["results_dir"] = str(run_dir / "results")
                     runs.append(Run(notebook=str(nb.resolve()), name=nb.stem, params_name=pname, params=injected,
                                     key=key, run_dir=str(run_dir), output=str(run_dir / f"{nb.stem}.ipynb"),
-                                    notebook_sha=_sha(nb), params_spec=spec_text, threads=threads,
+                                    notebook_sha=notebook_sha, params_spec=spec_text, threads=threads,
                                     gpu=str(merged.get("device", "cpu")).startswith("cuda"),
                                     sets=[_set_text(k, v) for k, v in _absolute_paths(set_values).items()],
                                     resolved=merged))
