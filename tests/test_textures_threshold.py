@@ -10,7 +10,7 @@ import pytest
 from scipy import stats
 
 from adcore.data import textures
-from adcore.data.threshold_check import threshold_check
+from adcore.data.threshold_check import overlap_check, threshold_check
 
 LEVEL = 0.01  # the one-sided tests' level (issue 22)
 
@@ -40,3 +40,13 @@ def test_the_check_fits_as_train_does_and_counts_what_it_flags(checks, category)
 @pytest.mark.parametrize("category", textures.CATEGORIES)
 def test_the_threshold_flags_good_test_images_at_the_rate_it_backs(checks, category):
     assert checks[category]["p_binomial"] > LEVEL, checks[category]["flagged"]
+
+
+@pytest.mark.parametrize("category", textures.CATEGORIES)
+def test_held_out_images_sharing_pixels_with_the_fitted_ones_score_lower_than_new_images(category):
+    # why the target above fails: the data chapter's second figure
+    scores = overlap_check(category)["scores"]
+    held, other, test = (np.array(scores[k]) for k in ("held out, same quadrant", "training, other quadrant",
+                                                        "test good"))
+    assert (len(held), len(other), len(test)) == (10, 40, 100)
+    assert np.median(held) < min(np.median(other), np.median(test)) - 2
