@@ -13,8 +13,9 @@ count is consistent with the rate, with two tests:
   threshold is itself random: the probability that a good image scores above the rank-k held-out score is
   Beta(n_holdout + 1 − k, k) distributed (Beta(1, 16) for the largest of 16: its 5–95 % range is 0.3 %–17 %), so the
   flagged count is beta-binomial, much wider than binomial. This p-value does not reject exchangeable data more
-  often than its level; the binomial one does (about 5 % of the time at the 1 % level for n = 100, m = 16). Neither
-  test knows that overlapping windows make the good test images correlated.
+  often than its level; the binomial one does: at the 1 % level, with n = 100 and 16 held out, it rejects from 13
+  flagged images on, which exchangeable data reach 13 % of the time. Neither test knows that overlapping windows
+  make the good test images correlated.
 
 The count can be too high (good test images that are not like the training images: v3 of ``textures`` flagged up to
 93 % of them), which is what these one-sided tests detect; too low is not a false-positive problem.
