@@ -15,6 +15,9 @@ import sys
 
 import yaml
 
+# The value only: importing .predict here would pull torch into `python -m adcore --help`.
+DEFAULT_MAX_PIXELS = 89_478_485
+
 
 def _key_value(text: str) -> tuple[str, object]:
     key, sep, value = text.partition("=")
@@ -27,7 +30,7 @@ def _train(args) -> int:
     from .train import train
 
     train(args.model, args.data, args.out, category=args.category, recipe=args.recipe, overrides=dict(args.set),
-          holdout=args.holdout, fpr=args.fpr, seed=args.seed, device=args.device, fresh=args.fresh,
+          holdout=args.holdout, fpr=args.fpr, confidence=args.confidence, seed=args.seed, device=args.device, fresh=args.fresh,
           progress=not args.no_progress)
     return 0
 
@@ -36,7 +39,8 @@ def _predict(args) -> int:
     from .predict import predict
 
     path = predict(args.model_file, args.images, args.out, masks=args.masks, batch_size=args.batch_size,
-                   device=args.device, progress=not args.no_progress)
+                   device=args.device, progress=not args.no_progress, max_pixels=args.max_pixels, force=args.force,
+                   expect_sha256=args.expect_sha256)
     print(f"wrote {path}")
     return 0
 
@@ -56,7 +60,7 @@ def _guarded(handler, messages: dict):
     def run(args) -> int:
         try:
             return handler(args)
-        except FileNotFoundError as e:
+        except (FileNotFoundError, ValueError) as e:  # bad input: one line, no traceback (ArtifactError, DataError too)
             print(f"adcore {args.command}: error: {e}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:
@@ -92,6 +96,9 @@ def add_commands(sub) -> None:
                    "threshold (default 0.2)")
     t.add_argument("--fpr", type=float, default=0.01, help="target false-positive rate of the threshold on good "
                    "images (default 0.01)")
+    t.add_argument("--confidence", type=float, help="pick the threshold whose false-positive rate exceeds --fpr in "
+                   "at most 1 - CONFIDENCE of fits (e.g. 0.9), instead of only on average; needs more held-out images "
+                   "(230 for --fpr 0.01 at 0.9): the command says how many")
     t.add_argument("--seed", type=int, default=0, help="seeds the held-out split and training (default 0)")
     t.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
     t.add_argument("--fresh", action="store_true", help="discard an interrupted training instead of resuming it")
@@ -107,6 +114,11 @@ def add_commands(sub) -> None:
     p.add_argument("--masks", action="store_true", help="also write a binary mask PNG per image")
     p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
+    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="images with more pixels get an error "
+                   f"row without being decoded (default {DEFAULT_MAX_PIXELS:,}, Pillow's decompression-bomb limit)")
+    p.add_argument("--force", action="store_true", help="start over when --out holds results of another model or "
+                   "threshold (the old CSV is kept beside)")
+    p.add_argument("--expect-sha256", help="refuse the model file unless its SHA-256 is this (pin the file you tested)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(handler=_guarded(_predict, _INTERRUPTED))
 
