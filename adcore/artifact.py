@@ -358,7 +358,10 @@ def _backbone_weights_from_file():
         def load(weights_path=None):
             with torch.device("meta"):
                 shapes = build().state_dict()
-            return {k: torch.empty(v.shape, dtype=v.dtype) for k, v in shapes.items()}, Path("<the model file>")
+            # on the CPU even inside the meta skeleton (the WRN builder refuses meta leftovers); torch.empty does not
+            # touch its pages, so this costs address space, not memory
+            return ({k: torch.empty(v.shape, dtype=v.dtype, device="cpu") for k, v in shapes.items()},
+                    Path("<the model file>"))
         return load
 
     def wrn():

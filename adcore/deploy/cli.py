@@ -6,6 +6,7 @@ Examples::
     python -m adcore train dmad --data /data/my_good_parts --out parts.pt --fpr 0.005
     python -m adcore predict brick.pt new_images/ 'more/*.png' --out predictions --masks
     python -m adcore export brick.pt --format onnx --out brick.onnx
+    python -m adcore export brick.pt --format openvino --out brick_openvino/
 """
 from __future__ import annotations
 
@@ -46,11 +47,21 @@ def _predict(args) -> int:
 
 
 def _export(args) -> int:
-    from .export import export_onnx
+    from .export import ExportError, export_onnx, export_openvino
 
-    result = export_onnx(args.model_file, args.out, check=not args.no_check)
+    runtime = {"onnx": "onnxruntime", "openvino": "OpenVINO (CPU, f32)"}[args.format]
+    try:
+        if args.expect_sha256:
+            from ..artifact import read
+
+            read(args.model_file, args.expect_sha256)
+        result = (export_onnx if args.format == "onnx" else export_openvino)(args.model_file, args.out,
+                                                                            check=not args.no_check)
+    except ExportError as e:
+        print(f"adcore export: error: {e}", file=sys.stderr)
+        return 1
     for batch, r in result.items():
-        print(f"checked with onnxruntime at {batch}: map differs by {r['map_rel']:.1e}, score by {r['score_rel']:.1e}"
+        print(f"checked with {runtime} at {batch}: map differs by {r['map_rel']:.1e}, score by {r['score_rel']:.1e}"
               " of their range")
     print(f"wrote {args.out}")
     return 0
@@ -126,7 +137,9 @@ def add_commands(sub) -> None:
                        description=_doc("export"),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     e.add_argument("model_file", help="a model file written by python -m adcore train (or adcore.save)")
-    e.add_argument("--format", choices=["onnx"], default="onnx", help="the export format (onnx)")
-    e.add_argument("--out", required=True, help="the file to write, e.g. model.onnx")
-    e.add_argument("--no-check", action="store_true", help="skip the onnxruntime check against the torch path")
+    e.add_argument("--format", choices=["onnx", "openvino"], default="onnx",
+                   help="onnx (one file) or openvino (a folder: model.xml, model.bin, adcore.json)")
+    e.add_argument("--out", required=True, help="the file (onnx, e.g. model.onnx) or folder (openvino) to write")
+    e.add_argument("--expect-sha256", help="refuse the model file unless its SHA-256 is this")
+    e.add_argument("--no-check", action="store_true", help="skip the runtime's check against the torch path")
     e.set_defaults(handler=_guarded(_export, _INTERRUPTED))

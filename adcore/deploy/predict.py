@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..data.folder import RESAMPLE, DataError, check_image_file, read_image
+from ..data.folder import RESAMPLE, DataError, check_image_file, load_8bit, resize_rgb
 from ..utils import atomic_write_bytes
 
 COLUMNS = ("path", "score", "anomalous", "threshold", "overlay", "mask", "error", "model_sha256")
@@ -70,14 +70,6 @@ def unescape_cell(text: str) -> str:
 
 def _csv_row(row: dict) -> dict:
     return {k: escape_cell(str(row.get(k) or "")) if k in _TEXT_COLUMNS else str(row.get(k) or "") for k in COLUMNS}
-
-
-def file_sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _writable(folder: Path) -> bool:
@@ -181,21 +173,19 @@ def _read(path: str, size: int, resample: str, max_pixels: int = DEFAULT_MAX_PIX
     Raises:
         DataError: not a regular file, more than ``max_pixels`` pixels, unreadable, truncated, or unsupported pixels.
     """
-    w, h = check_image_file(path)  # regular file first; then catches truncation a lazy decoder might pad over
-    if w * h > max_pixels:
-        raise DataError(f"image {path!r} is {w}x{h} = {w * h:,} pixels, over --max-pixels {max_pixels:,}; it was not "
-                        "decoded (raise --max-pixels if the memory allows: about 4 bytes a pixel)")
     limit = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = max(limit or 0, max_pixels)  # ours is the limit; Pillow's own would raise at 2x its own
+    Image.MAX_IMAGE_PIXELS = None  # ours is the limit, checked below from the header; Pillow's would raise at 2x its own
     try:
-        native = read_image(path, None)
+        w, h = check_image_file(path)  # regular file first; then catches truncation a lazy decoder might pad over
+        if w * h > max_pixels:
+            raise DataError(f"image {path!r} is {w}x{h} = {w * h:,} pixels, over --max-pixels {max_pixels:,}; it was "
+                            "not decoded (raise --max-pixels if the memory allows: about 4 bytes a pixel)")
+        im = load_8bit(path)  # the one full-size copy, "L" or "RGB", freed when this call returns
     finally:
         Image.MAX_IMAGE_PIXELS = limit
-    im = Image.fromarray(native)
-    # read_image(path, size, resample) converts, then resizes with this same call: one decode serves both outputs
-    small = native if native.shape[:2] == (size, size) else np.asarray(im.resize((size, size), RESAMPLE[resample]))
-    pw, ph = preview_size(w, h)
-    preview = native if (pw, ph) == (w, h) else np.asarray(im.resize((pw, ph), Image.Resampling.BILINEAR))
+    # read_image(path, size, resample) is load_8bit and this same resize: one decode serves both outputs
+    small = resize_rgb(im, (size, size), RESAMPLE[resample])
+    preview = resize_rgb(im, preview_size(w, h), Image.Resampling.BILINEAR)
     return preview, small
 
 
@@ -217,7 +207,7 @@ def _read_rows(csv_path: Path) -> list[dict]:
 
 def _write_rows(csv_path: Path, rows: list[dict]) -> None:
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
+    writer = csv.DictWriter(buf, fieldnames=COLUMNS)
     writer.writeheader()
     for r in rows:
         writer.writerow(_csv_row(r))
@@ -316,7 +306,7 @@ def _score(graph, todo, out_dir, csv_path, threshold, threshold_text, sha, *, ma
            size, max_pixels, bar) -> None:
     new_file = not csv_path.exists() or csv_path.stat().st_size == 0
     with open(csv_path, "a", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS, lineterminator="\n")
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
         if new_file:
             writer.writeheader()
         for start in range(0, len(todo), batch_size):

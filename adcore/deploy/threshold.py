@@ -168,7 +168,9 @@ def describe(threshold: dict) -> str:
     if t["achievable_fpr"] > t["target_fpr"] + 1e-12:
         need = math.ceil(1 / t["target_fpr"] - 1)
         return line + (f"; NOT reachable with {t['n_holdout']} images: this threshold is the largest held-out score, "
-                       f"expect about {t['achievable_fpr']:.1%}. Hold out at least {need} good images for the target)")
+                       f"expect about {t['achievable_fpr']:.1%} on average over fits, and a fit exceeds the target "
+                       f"with probability {t['exceed_probability']:.0%}. Hold out at least {need} good images for the "
+                       "target)")
     return line + (f", on average over fits: expected rate {t['achievable_fpr']:.2%}; this fit exceeds the target "
                    f"with probability {t['exceed_probability']:.0%}; --confidence 0.9 bounds that, and needs "
                    f"{needed_holdout(t['target_fpr'], 0.9)} held-out good images)")
