@@ -382,3 +382,28 @@ def test_export_of_a_model_without_threshold_says_so(model_file, tmp_path):
     export_model(adcore.load(model_file), tmp_path / "m.onnx", meta, check=False)
     props = json.loads({p.key: p.value for p in onnx.load(str(tmp_path / "m.onnx")).metadata_props}["adcore"])
     assert props["threshold"] is None and props["decision"].startswith("none: the model file has no threshold")
+
+
+def _readme_reader() -> str:
+    """The image-reading lines of the README's ONNX snippet."""
+    text = (ROOT / "README.md").read_text()
+    block = text[text.index("```python", text.index("session = ort.InferenceSession") - 200):]
+    lines = block.splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln.startswith('image = Image.open("part.png")'))
+    end = next(i for i, ln in enumerate(lines) if ln.startswith("image = image.resize"))
+    return "\n".join(lines[start:end + 1])
+
+
+@pytest.mark.parametrize("kind", ["rgb", "grey", "grey16", "palette", "rgba"])
+def test_the_readme_snippet_reads_images_as_read_image_does(tmp_path, kind):
+    rng = np.random.default_rng(0)
+    if kind == "grey16":
+        im = Image.fromarray(rng.integers(0, 65536, (37, 53), dtype=np.uint16))
+    else:
+        im = Image.fromarray(rng.integers(0, 256, (37, 53, 3), dtype=np.uint8))
+        im = {"rgb": im, "grey": im.convert("L"), "palette": im.convert("P"), "rgba": im.convert("RGBA")}[kind]
+    im.save(tmp_path / "part.png")
+    for resample in ("bilinear", "bicubic"):
+        scope = {"np": np, "Image": Image, "side": 32, "resample": resample}
+        exec(_readme_reader().replace("part.png", str(tmp_path / "part.png")), scope)
+        assert np.array_equal(np.asarray(scope["image"]), read_image(str(tmp_path / "part.png"), 32, resample))
