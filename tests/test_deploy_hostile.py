@@ -205,7 +205,6 @@ def test_train_says_how_many_held_out_images_confidence_needs_before_training(tm
 
     for i in range(10):
         _image(tmp_path / f"{i}.png", i)
-    monkeypatch.setattr(deploy_train, "fit", lambda *a, **k: pytest.fail("training started"), raising=False)
     import adcore.training
 
     monkeypatch.setattr(adcore.training, "fit", lambda *a, **k: pytest.fail("training started"))
@@ -234,7 +233,7 @@ def test_pipes_devices_and_sockets_get_a_skipped_row_and_never_hang(model_file, 
     assert sorted(rows) == sorted(["good.png", "in_folder.png", "named.png", "globbed_pipe.png", "sock.png", "null"])
     for name, kind in [("in_folder.png", "a named pipe"), ("named.png", "a named pipe"),
                        ("globbed_pipe.png", "a named pipe"), ("sock.png", "a socket"), ("null", "a device")]:
-        assert rows[name]["score"] == "" and f"skipped" in rows[name]["error"] and kind in rows[name]["error"]
+        assert rows[name]["score"] == "" and "skipped" in rows[name]["error"] and kind in rows[name]["error"]
     assert rows["good.png"]["score"] and rows["good.png"]["error"] == ""
 
 
@@ -352,6 +351,8 @@ def test_expect_sha256_pins_the_file(model_file):
     assert adcore.load(model_file, expect_sha256=sha.upper()).artifact["file_sha256"] == sha
     with pytest.raises(ArtifactError, match="not the expected"):
         adcore.load(model_file, expect_sha256="0" * 64)
+    with pytest.raises(ArtifactError, match="not the expected"):
+        predict(model_file, [model_file], model_file.parent / "never", expect_sha256="0" * 64, progress=False)
 
 
 def test_loading_a_wide_resnet_model_never_reads_or_downloads_backbone_weights(fake_wrn_weights, tmp_path,

@@ -76,3 +76,27 @@ def test_openvino_export_refuses_a_file_as_out(tmp_path):
     meta = {"model_name": "center_prior", "preprocessing": {"image_size": 32, "sigma": 4.0}}
     with pytest.raises(ExportError, match="is a file"):
         export_openvino_model(model, tmp_path / "file", meta)
+
+
+def test_the_cli_exports_openvino_and_honours_expect_sha256(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from adcore.artifact import file_sha256
+
+    adcore.save(adcore.create_model("center_prior").eval(), tmp_path / "m.pt", image_size=32)  # no threshold
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "adcore", "export", str(tmp_path / "m.pt"), "--format",
+                               "openvino", *args], env=env, capture_output=True, text=True, timeout=600)
+
+    bad = cli("--out", str(tmp_path / "ov"), "--expect-sha256", "0" * 64)
+    assert bad.returncode == 2 and "not the expected" in bad.stderr and not (tmp_path / "ov").exists()
+    good = cli("--out", str(tmp_path / "ov"), "--expect-sha256", file_sha256(tmp_path / "m.pt"))
+    assert good.returncode == 0, good.stderr[-2000:]
+    assert "checked with OpenVINO (CPU, f32) at batch 3" in good.stdout
+    meta = json.loads((tmp_path / "ov" / "adcore.json").read_text())
+    assert meta["threshold"] is None and meta["decision"].startswith("none:")
