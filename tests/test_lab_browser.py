@@ -31,8 +31,6 @@ import yaml
 
 from adcore.runs.plan import _sha
 
-pytestmark = pytest.mark.notebook
-
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOK = "vt_adl"
 RUN_ALL_TIMEOUT_S = 150  # the smoke run takes about 15 s alone; generous for a loaded 2-core machine
@@ -210,6 +208,7 @@ def _check_saved(notebook: Path, prepared_sha: str) -> None:
     assert _sha(notebook) == prepared_sha, "saving in JupyterLab changed the notebook's runs key"
 
 
+@pytest.mark.notebook
 def test_a_user_runs_a_paper_notebook_in_jupyterlab_and_the_live_viewer_answers(chromium, lab, tmp_path):
     from playwright.sync_api import sync_playwright
 
