@@ -1,14 +1,21 @@
 """The notebooks as people open them: a paper notebook run in JupyterLab, in headless Chromium, against a live kernel.
 
 What a user does after ``make lab``: open ``vt_adl.ipynb`` (the cheapest paper notebook at smoke settings, about 15 s
-of compute), choose *Run → Run All Cells*, wait, then play with the heatmap viewer at the bottom. The test does the
+of compute), choose *Run → Run All Cells*, save, then play with the heatmap viewer at the bottom. The test does the
 same on a copy of the notebook (papermill's ``prepare_only`` injects ``notebooks/params/vt_adl/smoke.yaml`` as the
-cell papermill would add, nothing else changes), in a Jupyter server of its own (127.0.0.1, a token, a free port,
-``JUPYTER_*`` folders under ``tmp_path``) that is shut down whatever happens. It checks what the static book's browser
-test (``tests/test_book.py``) cannot: that the live widget front end and the kernel's ipywidgets speak one protocol.
+cell papermill would add; nothing else changes), in a JupyterLab server of its own (127.0.0.1, a token, a free port,
+``JUPYTER_*`` folders under ``tmp_path``) that is shut down whatever happens, and checks:
 
-Like the book's browser test it skips only when Chromium or playwright is missing and ``ADCORE_REQUIRE_BROWSER`` is
-unset (CI sets it: ``.ci/run``).
+* every code cell ran, and no cell shows an error (in the page and in the notebook JupyterLab saved);
+* the last cell shows the live viewer (one picture the kernel redraws); pressing the right arrow on the image
+  slider's handle moves it to image 1 and changes the picture's bytes, and clicking "anomaly map" changes them again;
+* progress was shown as widgets: the saved notebook holds widget outputs and no text progress bar;
+* saving in JupyterLab left the notebook's runs key (``notebook_sha``) as it was;
+* the browser console shows no widget-manager error (unknown model module or version, failed model or view).
+
+That the live widget front end and the kernel's ipywidgets speak one protocol is what the static book's browser test
+(``tests/test_book.py``) cannot show. Like it, this test skips only when Chromium or playwright is missing and
+``ADCORE_REQUIRE_BROWSER`` is unset (CI sets it: ``.ci/run``).
 """
 import base64
 import hashlib
@@ -36,8 +43,9 @@ NOTEBOOK = "vt_adl"
 RUN_ALL_TIMEOUT_S = 150  # the smoke run takes about 15 s alone; generous for a loaded 2-core machine
 # What the widget manager logs when the kernel's widgets and the front end's JavaScript disagree (an unknown model
 # module or version, a protocol mismatch) or a view fails to render.
-WIDGET_ERROR = re.compile(r"widget|jupyter-widgets|comm|Could not (create|find|load)|Class \S+ not found|"
-                          r"model_module", re.I)
+WIDGET_ERROR = re.compile(r"jupyter-widgets|ipywidgets|widget[ -]?manager|displaying widget|Could not create (a )?"
+                          r"(model|view)|Class \S+ not found|Failed loading (module|class)|model_module|\bcomms?\b",
+                          re.I)
 
 
 # The widget model versions the book's vendored widget manager registers, by @jupyter-widgets/html-manager minor
