@@ -80,6 +80,17 @@ def test_the_kernel_and_the_books_widget_javascript_share_a_widget_protocol():
     assert deps["jupyterlab"].specifier.contains(jupyterlab.__version__)
 
 
+def test_make_lab_registers_the_kernel_the_notebooks_declare():
+    """Opening a notebook from ``make lab`` starts .venv's Python, not another kernel of another name (JupyterLab
+    would ask which kernel to use, and saving would rewrite the notebook's metadata)."""
+    recipe = re.search(r"^lab:.*?(?=^\S)", (REPO / "Makefile").read_text() + "\nend", re.S | re.M).group(0)
+    registered = re.search(r"ipykernel install --sys-prefix --name (\S+)", recipe).group(1)
+    declared = {nbformat.read(str(p), as_version=4).metadata["kernelspec"]["name"]
+                for p in sorted((REPO / "notebooks").glob("*.ipynb"))}
+    assert declared == {registered}, f"make lab registers {registered!r}, the notebooks declare {declared}"
+    assert "--notebook-dir=notebooks" in recipe
+
+
 def test_progress_bars_are_widgets_in_a_notebook():
     """Every progress bar comes from ``tqdm.auto``: a widget in a Jupyter kernel, text in papermill logs and CLIs."""
     plain = [f"{path.relative_to(REPO)}:{i}" for package in ("adcore", "kernels")
