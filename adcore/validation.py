@@ -16,11 +16,11 @@ reproduces them). The number must not be read off test curves. This module gives
 
    * ``"pixel_auroc"`` (VT-ADL, ADViT, DMAD, AAND): the best mean validation pixel AUROC over categories (ties: fewer
      epochs);
-   * ``"loss_plateau"`` (AnoViT and its conv AE): the first epoch after which the held-out reconstruction loss (on
-     the clean held-out images, each category's loss divided by its value after epoch 1, then averaged) improves by
-     no more than ``tol`` (a fraction of its value) within the next ``patience`` epochs. A flat AUROC curve sends the
-     first rule to its shortest setting, which rewards a model that has learnt nothing; this one trains until the
-     model stops learning the normal images, whatever the proxy anomalies say.
+   * ``"loss_converged"`` (AnoViT and its conv AE): the first epoch after which the held-out reconstruction loss (on
+     the clean held-out images, each category's loss divided by its value after epoch 1, then averaged) never
+     improves by more than ``tol`` (a fraction of its value) in any later epoch up to ``max_epochs``. A flat AUROC
+     curve sends the first rule to its shortest setting, which rewards a model that has learnt nothing; this one
+     trains until the model stops learning the normal images, whatever the proxy anomalies say.
 
 A model whose map has post-hoc variants (ADViT: the MDN likelihood alone, or weighted by the association discrepancy)
 can have each variant scored on the same trained models (``variants``), so the choice between them is made here too.
@@ -51,9 +51,9 @@ __all__ = ["RULES", "SyntheticValidationSet", "choose_epochs", "choose_epochs_by
            "stored_curve"]
 
 #: The epoch-choice rules by name; see the module docstring.
-RULES = ("pixel_auroc", "loss_plateau")
-#: loss_plateau's defaults: stop once 3 further epochs gain no more than 1 % of the held-out loss.
-PLATEAU_TOL, PLATEAU_PATIENCE = 0.01, 3
+RULES = ("pixel_auroc", "loss_converged")
+#: loss_converged's tolerance: later epochs must lower the held-out loss by more than 1 % to count as improvement.
+CONVERGED_TOL = 0.01
 
 
 class SyntheticValidationSet(Dataset):
@@ -96,20 +96,20 @@ def split_train(train, holdout: int, seed: int = 0):
 def epoch_curve(model_name: str, *, model_params: dict | None = None, dataset: str = "textures", categories=None,
                 data_root=None, image_size: int = 64, epochs=(5, 10, 20, 30), lr: float = 1e-3, batch_size: int = 8,
                 seed: int = 0, holdout: int = 16, max_epochs: int | None = None, fixed_epochs: dict | None = None,
-                rule: str = "pixel_auroc", tol: float = PLATEAU_TOL, patience: int = PLATEAU_PATIENCE,
+                rule: str = "pixel_auroc", tol: float = CONVERGED_TOL,
                 variants: dict | None = None, device="cpu", progress: bool = True) -> dict:
     """Validation pixel and image AUROC after each epoch in ``epochs``, per category, on synthetic anomalies.
 
     For a multi-stage model ``fixed_epochs`` gives every stage before the last its epoch count (e.g. AAND's
     ``{"amplify": 4}``); ``epochs`` then count the last stage's epochs. ``rule`` names the epoch choice (``RULES``);
-    ``"loss_plateau"`` also records the held-out loss after *every* epoch up to the last in ``epochs``, which must
-    reach ``max_epochs + patience`` for the rule to judge every allowed count. ``variants`` maps a name to model
+    ``"loss_converged"`` also records the held-out loss after *every* epoch up to the last in ``epochs``, which must
+    reach ``max_epochs``. ``variants`` maps a name to model
     attributes set on the finished model before it is scored once more (e.g. ADViT's
     ``{"assoc_position": {"assoc_weight": 1.0, "assoc_norm": "position"}}``): the same weights, another map.
 
     Returns ``{"model", "params", "epochs", "curves": {category: {epoch: {"pixel_auroc", "image_auroc"}}},
     "mean_pixel_auroc": {epoch: value}, "max_epochs", "rule", "chosen_epochs", "seconds"}``, plus ``"val_loss"``
-    ({category: {epoch: loss}}) and ``"mean_rel_loss"`` ({epoch: value}) under ``"loss_plateau"``, and
+    ({category: {epoch: loss}}) and ``"mean_rel_loss"`` ({epoch: value}) under ``"loss_converged"``, and
     ``"variants"`` ({name: {"settings", "curves", "mean_pixel_auroc", "mean_image_auroc"}}) when variants are given.
     """
     epochs = sorted({int(e) for e in epochs})
@@ -121,7 +121,7 @@ def epoch_curve(model_name: str, *, model_params: dict | None = None, dataset: s
     for name, settings in variants.items():
         if name == "default" or not isinstance(settings, dict) or not settings:
             raise ValueError(f"variant {name!r} must be a non-empty mapping of model attributes (and not 'default')")
-    track_loss = rule == "loss_plateau"
+    track_loss = rule == "loss_converged"
     categories = list_categories(dataset, data_root=data_root) if categories is None else list(categories)
     t0 = time.perf_counter()
     curves: dict[str, dict[int, dict]] = {}
@@ -167,10 +167,10 @@ def epoch_curve(model_name: str, *, model_params: dict | None = None, dataset: s
                                            "seed": seed, "holdout": holdout, "fixed_epochs": fixed_epochs},
            "epochs": epochs, "curves": curves, "mean_pixel_auroc": mean, "max_epochs": max_epochs, "rule": rule}
     if track_loss:
-        out["params"].update(tol=tol, patience=patience)
+        out["params"]["tol"] = tol
         out["val_loss"] = val_loss
         out["mean_rel_loss"] = mean_relative_loss(val_loss)
-        out["chosen_epochs"] = choose_epochs_by_loss(out["mean_rel_loss"], max_epochs, tol=tol, patience=patience)
+        out["chosen_epochs"] = choose_epochs_by_loss(out["mean_rel_loss"], max_epochs, tol=tol)
     else:
         out["chosen_epochs"] = choose_epochs(mean, max_epochs)
     if variants:
@@ -245,41 +245,38 @@ def choose_epochs(mean_pixel_auroc: dict, max_epochs: int | None = None) -> int:
     return min(e for e, v in allowed.items() if round(v, 3) == best)
 
 
-def choose_epochs_by_loss(loss: dict, max_epochs: int | None = None, *, tol: float = PLATEAU_TOL,
-                          patience: int = PLATEAU_PATIENCE) -> int:
-    """The first epoch e after which the held-out loss stops improving: none of epochs e+1 … e+patience brings it
-    below (1 − tol)·loss[e]. Capped at ``max_epochs`` (the CPU budget): if the loss still improves there, the cap.
+def choose_epochs_by_loss(loss: dict, max_epochs: int | None = None, *, tol: float = CONVERGED_TOL) -> int:
+    """The first epoch e after which the held-out loss stops improving: no later epoch up to ``max_epochs`` (the CPU
+    budget; None: the last measured) brings it below (1 − tol)·loss[e]. If it still improves at the cap, the cap.
 
-    ``loss`` must hold every epoch from its first on. A flat curve stops at its first epoch (training longer teaches
-    nothing measurable); a steadily falling one reaches the cap; a single noisy rise does not stop training while
-    another epoch within ``patience`` still improves by more than ``tol``.
+    ``loss`` must hold every epoch from its first up to the cap. A flat curve stops at its first epoch (training
+    longer teaches nothing measurable); a steadily falling one reaches the cap; noise smaller than ``tol`` does not
+    count as improvement. The look-ahead runs to the cap, not a few epochs: a reconstruction model can sit on a
+    plateau (outputting little more than the mean image) for many epochs before its loss falls again, and stopping on
+    that plateau would reward a model that has learnt nothing.
     """
-    if not 0 <= tol < 1 or patience < 1:
-        raise ValueError(f"tol must be in [0, 1) and patience >= 1, got tol={tol}, patience={patience}")
+    if not 0 <= tol < 1:
+        raise ValueError(f"tol must be in [0, 1), got {tol}")
     loss = {int(e): float(v) for e, v in loss.items()}
     epochs = sorted(loss)
     if not epochs or epochs != list(range(epochs[0], epochs[-1] + 1)):
         raise ValueError(f"loss must hold consecutive epochs, got {epochs}")
-    if max_epochs is not None and max_epochs < epochs[0]:
-        raise ValueError(f"no measured epoch count is <= max_epochs={max_epochs}: {epochs}")
-    for e in epochs:
-        if max_epochs is not None and e >= max_epochs:
-            return max_epochs
-        if e + patience > epochs[-1]:
-            break
-        if min(loss[e + i] for i in range(1, patience + 1)) >= (1 - tol) * loss[e]:
+    cap = epochs[-1] if max_epochs is None else int(max_epochs)
+    if not epochs[0] <= cap <= epochs[-1]:
+        raise ValueError(f"max_epochs={max_epochs} must lie within the measured epochs {epochs[0]}..{epochs[-1]} "
+                         f"(measure up to the cap)")
+    for e in range(epochs[0], cap):
+        if min(loss[later] for later in range(e + 1, cap + 1)) >= (1 - tol) * loss[e]:
             return e
-    raise ValueError(f"the loss still improves by more than {tol:.0%} within {patience} epochs at the last epoch it "
-                     f"can judge ({epochs[-1] - patience}) and max_epochs={max_epochs} was not reached: measure "
-                     f"more epochs (up to max_epochs + patience)")
+    return cap
 
 
 def stored_curve(model_name: str) -> dict:
     """The curve shipped with adcore for ``model_name`` (``adcore/validation_curves/<model>.json``)."""
     path = Path(__file__).with_name("validation_curves") / f"{model_name}.json"
     if not path.exists():
-        raise FileNotFoundError(f"no stored validation curve for {model_name!r}: run python -m adcore.validation "
-                                f"{model_name} --params {path.with_suffix('.yaml')} --out {path}")
+        raise FileNotFoundError(f"no stored validation curve {model_name!r}: run the command at the top of "
+                                f"{path.with_suffix('.yaml')}, which writes {path}")
     return load_curve(path)
 
 
@@ -309,8 +306,7 @@ def main(argv=None) -> int:
     parser.add_argument("--holdout", type=int, default=16, help="training images held out per category")
     parser.add_argument("--max-epochs", type=int, help="largest epoch count the choice may take (the CPU budget)")
     parser.add_argument("--rule", choices=RULES, default="pixel_auroc", help="how the epoch count is chosen")
-    parser.add_argument("--tol", type=float, default=PLATEAU_TOL, help="loss_plateau: least relative improvement")
-    parser.add_argument("--patience", type=int, default=PLATEAU_PATIENCE, help="loss_plateau: epochs looked ahead")
+    parser.add_argument("--tol", type=float, default=CONVERGED_TOL, help="loss_converged: least relative improvement")
     parser.add_argument("--out", required=True, help="JSON file to write")
     args = parser.parse_args(argv)
     settings = yaml.safe_load(Path(args.params).read_text()) if args.params else {}
@@ -320,7 +316,7 @@ def main(argv=None) -> int:
         parser.error(f"{args.params} must map some of {sorted(known)}; got "
                      f"{sorted(settings) if isinstance(settings, dict) else type(settings).__name__}")
     curve = epoch_curve(args.model, epochs=args.epochs, holdout=args.holdout, max_epochs=args.max_epochs,
-                        rule=args.rule, tol=args.tol, patience=args.patience, **settings)
+                        rule=args.rule, tol=args.tol, **settings)
     atomic_write_json(curve, args.out)
     summary = {k: curve[k] for k in ("mean_pixel_auroc", "mean_rel_loss", "chosen_epochs", "seconds") if k in curve}
     summary.update({f"{name}: mean_pixel_auroc": v["mean_pixel_auroc"] for name, v in curve.get("variants", {}).items()})
