@@ -40,7 +40,7 @@ _PAPER_SOURCE = ("AnoViT's abstract gives no hyper-parameter: every value is our
 #: num_epochs of each default recipe: the validation rule "loss_converged" (adcore.validation): the first epoch after
 #: which no later epoch up to the cap lowers the held-out reconstruction loss by more than 1 %, capped by the notebook's
 #: CPU budget. Each model has its own curve (adcore/validation_curves/{anovit,conv_ae}.json).
-ANOVIT_EPOCHS, CONV_AE_EPOCHS = 2, 2
+ANOVIT_EPOCHS, CONV_AE_EPOCHS = 25, 25
 _DEFAULT_SOURCE = ("CPU default on 128-px images with 16-px patches; num_epochs where the held-out reconstruction loss "
                    "stops improving (rule loss_converged, adcore/validation_curves/{}.json), capped by the notebook's "
                    "CPU budget")
