@@ -260,13 +260,13 @@ def test_advit_score_uses_training_statistics():
     torch.testing.assert_close(std, series.std(unbiased=False).expand(series.shape[1]), rtol=1e-4, atol=1e-6)
     model.assoc_norm = "position"
     images = _images(3, seed=2)
-    with_assoc = model.predict(images).anomaly_map
-    model.assoc_weight = 0.0
+    assert model.assoc_weight == 0.0  # the default map is the MDN likelihood alone, the one the description names
     nll_only = model.predict(images).anomaly_map
     tokens, _ = model.encoder(images)
     torch.testing.assert_close(nll_only.flatten(1), model.mdn.nll(tokens))
+    model.assoc_weight = 1.0  # the discrepancy-weighted ablation
+    with_assoc = model.predict(images).anomaly_map
     assert not torch.allclose(with_assoc, nll_only)
-    model.assoc_weight = 1.0
     s_test, _ = model.discrepancy(model.encoder(images)[1])
     z = (s_test - model.assoc_mean.flatten()) / model.assoc_std.flatten()
     torch.testing.assert_close(with_assoc.flatten(1), nll_only.flatten(1) * torch.exp(-z.clamp(-20, 20)))
@@ -292,9 +292,9 @@ def test_advit_position_norm_removes_the_grid_template():
 
 
 def test_advit_statistics_travel_with_the_state_dict():
-    model = _model("advit")
+    model = _model("advit", assoc_weight=1.0)  # a weighted map, which reads the statistics
     adcore.fit(model, _dataset(), num_epochs=1, lr=1e-3, batch_size=3, progress=False)
-    fresh = adcore.create_model("advit", **TINY["advit"])
+    fresh = adcore.create_model("advit", **TINY["advit"], assoc_weight=1.0)
     fresh.load_state_dict(model.state_dict())
     images = _images(2, seed=4)
     torch.testing.assert_close(fresh.eval().predict(images).anomaly_map, model.predict(images).anomaly_map)

@@ -15,7 +15,7 @@ PAPERS = ("vt_adl", "advit", "anovit")
 # result files each smoke run must write: the main run and its ablations, one per category
 EXPECTED_RUNS = {"vt_adl": ("vt_adl", "vt_adl-no-noise", "vt_adl-k4", "vt_adl-mdn-unconditional", "vt_adl-score-code",
                             "vt_adl-score-paper"),
-                 "advit": ("advit", "advit-no-minimax", "advit-no-assoc-score", "advit-global-norm"),
+                 "advit": ("advit", "advit-assoc-position", "advit-assoc-global"),
                  "anovit": ("anovit", "anovit-conv-ae")}
 
 

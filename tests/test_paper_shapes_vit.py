@@ -4,7 +4,8 @@ No ``paper.yaml`` can be run to the end here (400 epochs at 512 px want a GPU), 
 build, train and score at the paper's image size and widths. For each of ``notebooks/params/{vt_adl,advit,anovit}/
 paper.yaml`` this test reads a tiny fake MVTec AD carpet at that image size (``adcore.data.make_fake_mvtec``: one
 training batch, 2 good and 2 defective test images with masks; one 512-px tree per worker for vt_adl and advit), injects
-the yaml into the notebook's parameters as papermill would, overrides only ``num_epochs=1``, ``device="cpu"``,
+the yaml into the notebook's parameters as papermill would, overrides only its epochs (``num_epochs=1``, AnoViT's
+``conv_ae_epochs=1``), ``device="cpu"``,
 ``data_root`` and the output folders, and runs the notebook's own code cells that
 train and evaluate (the parameter check, the main run, and any ablation the yaml switches on: AnoViT's conv AE). It
 asserts the output contract and prints the peak resident memory and the seconds of the optimisation step and of the
@@ -111,7 +112,7 @@ def test_paper_config_trains_one_step_and_predicts(notebook, fake_mvtec_factory,
     size, batch = paper["image_size"], paper["batch_size"]
     assert (size, batch) == (recipe.image_size, recipe.batch_size)
     root = fake_mvtec_factory(CATEGORY, image_size=size, n_train=batch, n_test=2)
-    overrides = {**paper, "num_epochs": 1, "device": "cpu", "data_root": str(root),
+    overrides = {**paper, **{k: 1 for k in paper if k.endswith("_epochs")}, "device": "cpu", "data_root": str(root),
                  "categories": [CATEGORY], "results_dir": str(tmp_path / "results"),
                  "checkpoint_root": str(tmp_path / "checkpoints"), "num_threads": torch.get_num_threads()}
     meter = _Meter(monkeypatch)
