@@ -581,6 +581,26 @@ def test_foreground_blur_is_sigma_8_at_the_native_resolution():
         assert torch.equal(pa.foreground_mask(images, "bright", 127, native_size=native)[0], expected), native
 
 
+def test_aand_synthesizer_has_the_codes_ten_operations_and_solarize_at_half():
+    rng = np.random.default_rng(0)
+    assert len(pa._operations(rng, "aand")) == 10  # datasets/database.py's augmenters list
+    assert len(pa._operations(rng, "validation")) == 11  # what the stored validation curves were drawn with
+    assert adcore.create_model("aand", **TINY).synthesizer.operations == "aand"
+    with pytest.raises(ValueError, match="operations"):
+        pa.PseudoAnomalySynthesizer(operations="draem")
+    white = torch.full((3, 4, 4), 255, dtype=torch.uint8)
+    solarize = pa._operations(rng, "aand")[4]  # iaa.Solarize(0.5, threshold=(32, 128)): half the images
+    changed = sum(not torch.equal(solarize(white), white) for _ in range(400))
+    assert 160 < changed < 240
+    # brightness × and + are one operation: the output is the product, then the sum, of one draw each
+    grey = torch.full((3, 2, 2), 100, dtype=torch.uint8)
+    one = pa._operations(np.random.default_rng(1), "aand")[1](grey)
+    draws = np.random.default_rng(1)
+    mul, add = draws.uniform(0.8, 1.2), int(draws.integers(-30, 31))
+    import torchvision.transforms.v2.functional as TF
+    assert torch.equal(one.int(), TF.adjust_brightness(grey, float(mul)).int() + add) and add != 0
+
+
 def test_aand_rejects_bad_parameters():
     with pytest.raises(ValueError, match="foreground"):
         adcore.create_model("aand", **TINY, foreground="everything")

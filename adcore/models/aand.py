@@ -25,7 +25,10 @@ Faithfulness notes:
 - No checkpoint is chosen on test data (the repository keeps the best test I-AUROC + P-AUROC epoch and the best
   test gate precision); both stages run a fixed number of epochs.
 - Pseudo-anomaly textures come from scikit-image photographs and procedural patterns disjoint from the test
-  benchmark's defect sources (:mod:`adcore.models.pseudo_anomaly`), not from DTD.
+  benchmark's defect sources (:mod:`adcore.models.pseudo_anomaly`), not from DTD; each is changed by 3 of the
+  code's 10 imgaug operations (Solarize itself at probability 0.5, brightness × and + as one).
+- Stage I runs 4 epochs on the CPU default: a budget choice, not a tuned one (the repository: 100, keeping the
+  epoch of best test gate precision). No curve chose it; the validation curve is over Stage II with Stage I fixed.
 - ``amplify=False`` is the ablation without Stage I: the same student and loss against the plain teacher.
 - Foreground (where pseudo-anomalies may go and which positions count as normal in L_A): AAND's rule per MVTec
   category, with cable on the centred disk its list intended (its ``'cabel'`` typo left cable with the previous
