@@ -75,7 +75,7 @@ def textures_cache(tmp_path_factory) -> Path:
 
 def test_textures_counts_by_defect(textures_cache):
     counts = textures.describe(textures_cache)
-    expected_test = {"good": 30, "foreign_texture": 15, "scratch": 15, "hole": 15, "blotch": 15}
+    expected_test = {"good": 100, "foreign_texture": 15, "scratch": 15, "hole": 15, "blotch": 15}
     assert sorted(counts) == ["brick", "grass", "gravel"] == list_categories("textures", data_root=textures_cache)
     for cat in counts:
         assert counts[cat] == {"train": {"good": 80}, "test": expected_test}
@@ -87,7 +87,7 @@ def test_textures_counts_by_defect(textures_cache):
 def test_textures_items_masks_and_coverage(textures_cache):
     train = load_dataset("textures", "brick", "train", data_root=textures_cache)
     test = load_dataset("textures", "brick", "test", data_root=textures_cache)
-    assert (len(train), len(test)) == (80, 90) and train.image_size == 128 and test.has_masks
+    assert (len(train), len(test)) == (80, 160) and train.image_size == 128 and test.has_masks
     assert (train.labels == 0).all() and int(test.labels.sum()) == 60
     assert test.cache_in_memory  # embedded benchmarks cache by default
     lo, hi = defects.COVERAGE_RANGE
@@ -135,25 +135,45 @@ def test_test_defect_sources_name_the_benchmark_photos():
     assert all(a.ndim == 2 and 0 <= a.min() and a.max() <= 1 for a in sources.values())
 
 
-def test_textures_train_and_test_windows_use_disjoint_rows(tmp_path, monkeypatch):
-    _small_textures(monkeypatch)
-    seen = []
-    original = textures.sample_window
+def _overlap(a, b) -> bool:
+    """Whether square windows (top, left, side) a and b share a pixel."""
+    return a[0] < b[0] + b[2] and b[0] < a[0] + a[2] and a[1] < b[1] + b[2] and b[1] < a[1] + a[2]
 
-    def spy(rng, rows, width):
-        top, left, side = original(rng, rows, width)
-        seen.append((rows, top, side))
-        return top, left, side
 
-    monkeypatch.setattr(textures, "sample_window", spy)
-    textures.build(tmp_path)
-    split = int(round(textures.TRAIN_ROWS * 512))
-    train = [(top, side) for rows, top, side in seen if rows[0] == 0]
-    test = [(top, side) for rows, top, side in seen if rows[0] != 0]
-    assert len(train) == 3 * 2 and len(test) == 3 * (1 + len(defects.DEFECT_FAMILIES))
-    assert all(top + side <= split for top, side in train)
-    assert all(top >= split and top + side <= 512 for top, side in test)
-    assert all(textures.CROP_SIZES[0] <= side <= textures.CROP_SIZES[1] for _, side in train + test)
+def test_textures_windows_never_share_a_pixel_across_splits(textures_cache):
+    stamp = json.loads((textures_cache / textures.folder_name() / textures.STAMP).read_text())
+    for category in textures.CATEGORIES:
+        boxes = textures.windows(category)
+        assert stamp["windows"][category] == {k: [list(b) for b in v] for k, v in boxes.items()}  # stamp = generator
+        train = boxes.pop("train/good")
+        test = [b for v in boxes.values() for b in v]
+        assert len(train) == 80 and len(test) == 100 + 15 * len(defects.DEFECT_FAMILIES)
+        for top, left, side in train + test:
+            assert textures.CROP_SIZES[0] <= side <= textures.CROP_SIZES[1]
+            assert 0 <= top and top + side <= 512 and 0 <= left and left + side <= 512
+            # inside one 256 px quadrant
+            assert top // 256 == (top + side - 1) // 256 and left // 256 == (left + side - 1) // 256
+        assert not any(_overlap(a, b) for a in train for b in test)
+    assert not _overlap((0, 0, 10), (0, 10, 10)) and _overlap((0, 0, 10), (9, 9, 10))  # the check itself can fail
+
+
+def test_textures_good_windows_have_the_same_position_distribution_in_both_splits():
+    from scipy import stats
+
+    for category in textures.CATEGORIES:
+        boxes = textures.windows(category)
+        train, good = np.array(boxes["train/good"]), np.array(boxes["test/good"])
+        for split in (train, good):
+            assert (split[:, 0] < 256).mean() == 0.5 and (split[:, 1] < 256).mean() == 0.5  # both halves, each axis
+        # window centres along each photo axis, and the window sides: one distribution for both splits
+        for column in (0, 1):
+            a, b = train[:, column] + train[:, 2] / 2, good[:, column] + good[:, 2] / 2
+            assert stats.ks_2samp(a, b).pvalue > 0.01, (category, column)
+        assert stats.ks_2samp(train[:, 2], good[:, 2]).pvalue > 0.01
+        defective = np.array([b for k, v in boxes.items() if k not in ("train/good", "test/good") for b in v])
+        assert abs((defective[:, 0] < 256).mean() - 0.5) < 0.05 and abs((defective[:, 1] < 256).mean() - 0.5) < 0.05
+    with pytest.raises(ValueError, match="category"):
+        textures.windows("wood")
 
 
 def test_textures_build_is_deterministic_and_concurrency_safe(tmp_path, monkeypatch):

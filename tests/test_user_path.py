@@ -160,6 +160,21 @@ def test_the_run_key_covers_every_layer_and_the_weights_file(tmp_path, monkeypat
     assert key(weights=other) != base
 
 
+def test_the_run_key_covers_the_embedded_benchmarks_version(tmp_path, monkeypatch):
+    from adcore.data import textures
+
+    monkeypatch.chdir(REPO)
+    nbs = plan.resolve_notebooks(["baselines"])
+
+    def key():
+        return plan.plan_runs(nbs, ["smoke"], runs_dir=tmp_path, check_data=False)[0].key
+
+    assert plan.plan_runs(nbs, ["smoke"], runs_dir=tmp_path, check_data=False)[0].resolved["dataset"] == "textures"
+    base = key()
+    monkeypatch.setattr(textures, "VERSION", textures.VERSION + 1)
+    assert key() != base
+
+
 def _printed_commands() -> list[tuple[str, str]]:
     """(where, command) for every `python -m adcore run|book` and `papermill` line the README, the intro and the data
     chapter print for a dataset on disk (a line naming /data/...), with its backslash continuations joined."""

@@ -267,8 +267,9 @@ def plan_runs(notebooks, params=("default",), categories=(None,), seeds=(None,),
 
     A run's parameters are layered in a fixed order: the notebook's ``parameters`` cell, then the entry's layers in
     order (:func:`resolve_params`), then ``sets`` (``--set``), then the run's category and seed. Its key hashes the
-    resolved settings after every layer and the SHA-256 of the weights file its backbone loads, so the same request
-    always lands in the same folder and a changed default or weights file is a new run.
+    resolved settings after every layer, the SHA-256 of the weights file its backbone loads and, on ``textures``, the
+    generator's ``VERSION``, so the same request always lands in the same folder and a changed default, weights file
+    or rebuilt benchmark is a new run.
 
     Args:
         notebooks: notebook paths (see :func:`resolve_notebooks`).
@@ -328,6 +329,10 @@ def plan_runs(notebooks, params=("default",), categories=(None,), seeds=(None,),
                     resolved = {k: v for k, v in merged.items() if k not in RUNNER_PARAMS}
                     if check_weights:
                         resolved["weights_sha256"] = _weights_sha(merged, source)
+                    if merged.get("dataset") == "textures":
+                        # a rebuilt generator (a new VERSION) changes every image, so it must change the key too
+                        from ..data import textures
+                        resolved["textures_version"] = textures.VERSION
                     key = f"{nb.stem}-{pname}-{params_hash(resolved, 8)}-s{merged.get('seed', 'x')}"
                     if key in keys:
                         continue  # the same request twice in the grid
