@@ -223,7 +223,7 @@ class AAND(ReverseDistillation):
     stages = ("amplify", "distill")
     recipes = {
         "default": Recipe(
-            num_epochs={"amplify": 4, "distill": 8}, lr=0.005, batch_size=8, image_size=128,
+            num_epochs={"amplify": 4, "distill": 6}, lr=0.005, batch_size=8, image_size=128,
             model_params=dict(backbone="efficientnet_lite0", num_items=50, hard_k=10, clean_prob=0.2,
                               foreground="auto", bottleneck_dim=None, ocbe_blocks=1, ocbe_ratio=0.25,
                               decoder_blocks=(1, 1, 1), decoder_ratio=1.0, milestones_amplify=None,
@@ -231,7 +231,7 @@ class AAND(ReverseDistillation):
             source="CPU default: EfficientNet-Lite0 at 128 px and a narrow RD4AD-layout student for a 2-core "
                    "budget; lr is the code's. Epochs: Stage I 4 and Stage II at most 8 by the CPU budget (the "
                    "notebook's main run and two ablations over three categories in the book's ~8 minutes on 2 cores), "
-                   "and 8 is the best of 2/4/6/8 Stage-II epochs on the synthetic-anomaly validation curve of "
+                   "and 6 is the best of 2/4/6/8 Stage-II epochs on the synthetic-anomaly validation curve of "
                    "held-out training images (adcore/validation_curves/aand.json); no test data. Images resized "
                    "bicubically, as AAND's code does.", resample="bicubic"),
         "paper": Recipe(
