@@ -1,6 +1,7 @@
 # Two commands do all the set-up on a fresh machine (Python 3.11, no GPU, package registries only):
 #   make test   create/reuse .venv and run the whole test suite
 #   make book   create/reuse .venv, run every notebook with papermill and build the HTML book
+#   make lab    create/reuse .venv and open the notebooks in JupyterLab (nothing needs to run first)
 #   make budget run the training-budget grid (58 min on a 2-core machine with JOBS=2; resumable), then `make book` again
 PYTHON ?= python3
 # Notebook runs side by side in `make book` (2 suits a 2-core machine). Each run gets one torch thread whatever JOBS
@@ -13,7 +14,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.adcore-installed
 
-.PHONY: venv test test-fast book budget clean
+# Options passed on to JupyterLab, e.g. make lab LAB_ARGS="--no-browser --port 8890"
+LAB_ARGS ?=
+
+.PHONY: venv test test-fast book budget lab clean
 
 venv: $(STAMP)
 
@@ -38,6 +42,14 @@ book: venv
 
 budget: venv
 	$(PY) -m adcore run --grid notebooks/params/budget.yaml --jobs $(JOBS)
+
+# The notebooks declare the kernel "python3": it is registered inside .venv (--sys-prefix, so a user-wide python3 kernel
+# elsewhere stays as it is) and runs .venv's Python; JUPYTER_PREFER_ENV_PATH makes .venv's kernel win over a user-wide
+# one of the same name. Runs started here write results/ and checkpoints/ under notebooks/ (git ignores both).
+lab: venv
+	$(PY) -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (adcore .venv)" >/dev/null
+	JUPYTER_PREFER_ENV_PATH=1 $(PY) -m jupyterlab --notebook-dir=notebooks $(if $(filter 0,$(shell id -u)),--allow-root) \
+		$(LAB_ARGS)
 
 clean:
 	rm -rf book/_build book/_runs book/_static/vendor results checkpoints runs runs-reproduced

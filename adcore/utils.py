@@ -42,12 +42,16 @@ def set_deterministic(flag: bool = True, *, warn_only: bool = False) -> None:
 def atomic_write_bytes(path, data: bytes) -> Path:
     """Write ``data`` to ``path`` via a temporary file in the same folder and ``os.replace``.
 
-    A reader never sees a half-written file, and an interrupted write leaves the old file (or nothing) behind.
+    A reader never sees a half-written file, and an interrupted write leaves the old file (or nothing) behind. The
+    file gets the permissions a plain ``open`` would give it (0666 less the umask), not mkstemp's 0600.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        umask = os.umask(0o022)  # read it (os.umask only reads by setting), then put it back at once
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

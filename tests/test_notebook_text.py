@@ -47,3 +47,56 @@ def test_maths_parses_as_maths(path):
            for text in _text_tokens(md.parse(cell.source))
            for m in re.finditer(r"\$|\\[A-Za-z]{2,}", text)]
     assert not bad, f"{path.name}: TeX left outside maths (cell, match, context): {bad[:3]}"
+
+
+# The notebooks as a person opens them in JupyterLab (``make lab``): what to run, on which data, with which values.
+PAPERS = ("vt_adl", "advit", "anovit", "dmad", "aand")
+PARAMETER_NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
+
+
+def _parameters(nb) -> tuple[int, dict]:
+    """(index of the ``parameters`` cell, {name: its line's comment, or None})."""
+    import ast
+    import io
+    import tokenize
+
+    index = next(i for i, c in enumerate(nb.cells) if "parameters" in c.get("metadata", {}).get("tags", []))
+    source = nb.cells[index].source
+    comments = {tok.start[0]: tok.string for tok in tokenize.generate_tokens(io.StringIO(source).readline)
+                if tok.type == tokenize.COMMENT}
+    return index, {node.targets[0].id: comments.get(node.end_lineno) for node in ast.parse(source).body}
+
+
+@pytest.mark.parametrize("path", PARAMETER_NOTEBOOKS, ids=lambda p: p.name)
+def test_every_parameter_says_what_it_does(path):
+    """A comment on each parameter's line, with more in it than the paper's value in brackets: ``# (AAND: 16)``
+    leaves a reader guessing what the number is."""
+    _, params = _parameters(nbformat.read(str(path), as_version=4))
+    assert params
+    bare = [name for name, comment in params.items()
+            if comment is None or not re.search(r"\w", re.sub(r"\([^)]*\)", "", comment.lstrip("# ")))]
+    assert not bare, f"{path.name}: parameters without a comment saying what they do: {bare}"
+
+
+@pytest.mark.parametrize("paper", PAPERS)
+def test_a_paper_notebook_says_how_to_run_it_before_its_parameters(paper):
+    """The cells above the parameters say how to open and run the notebook on the embedded data, on MVTec AD and on
+    a folder of one's own, and every parameter they tell the reader to set exists."""
+    nb = nbformat.read(str(REPO / "notebooks" / f"{paper}.ipynb"), as_version=4)
+    index, params = _parameters(nb)
+    intro = "\n".join(c.source for c in nb.cells[:index] if c.cell_type == "markdown")
+    for needed in ("make lab", "Run All Cells", '`dataset = "textures"`', '`dataset = "mvtec"`', "`data_root = ",
+                   "MVTec AD layout", "ground_truth", f"notebooks/params/{paper}/smoke.yaml",
+                   f"notebooks/params/{paper}/paper.yaml", "viewer"):
+        assert needed in intro, f"{paper}.ipynb: the cells before the parameters do not mention {needed!r}"
+    named = set(re.findall(r"`(\w+) = ", intro))
+    assert named and named <= set(params), f"{paper}.ipynb names parameters it does not have: {named - set(params)}"
+    for path in re.findall(r"notebooks/params/[\w/]+\.yaml", intro):
+        assert (REPO / path).is_file(), f"{paper}.ipynb points to {path}, which does not exist"
+
+
+@pytest.mark.parametrize("paper", PAPERS)
+def test_a_paper_notebook_ends_with_the_viewer(paper):
+    nb = nbformat.read(str(REPO / "notebooks" / f"{paper}.ipynb"), as_version=4)
+    last = [c for c in nb.cells if c.cell_type == "code"][-1]
+    assert "adcore.viewer.show(" in last.source, f"{paper}.ipynb's last code cell is not the viewer: {last.source!r}"

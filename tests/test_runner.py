@@ -470,3 +470,53 @@ def test_two_book_builds_at_once_fetch_the_widget_javascript_once(tmp_path):
         t.join()
     assert (tmp_path / "vendor.count").read_text().splitlines() == ["run"]
     assert (dest / "require.js").is_file()
+
+
+def _fake_run(tmp_path, name, params_name="default", categories=None, sets=()):
+    run_dir = tmp_path / "runs" / name / f"{name}-{params_name}"
+    return plan.Run(notebook=f"{name}.ipynb", name=name, params_name=params_name, params={},
+                    key=f"{name}-{params_name}-{categories}", run_dir=str(run_dir), output=str(run_dir / "out.ipynb"),
+                    sets=list(sets), resolved={"categories": categories} if categories else {})
+
+
+class _RecordingExecutor:
+    """Runs nothing: records the order runs are handed over in and answers ok with a made-up wall time."""
+
+    def __init__(self):
+        self.order = []
+
+    def map(self, runs, *, timeout=None, force=False, log=print):
+        for i, run in enumerate(runs):
+            self.order.append(run.name)
+            yield i, {**execute.asdict(run), "status": "ok", "seconds": 12.34}
+
+
+def test_runs_start_longest_expected_first(tmp_path):
+    names = ["aand", "advit", "anovit", "baselines", "dmad", "vt_adl", "mine"]  # the planner's alphabetical order
+    runs = [_fake_run(tmp_path, n) for n in names]
+    # no run has finished before: the per-notebook estimates, unknown notebooks at the default, ties in planned order
+    assert [runs[i].name for i in execute.start_order(runs)] == [
+        "vt_adl", "advit", "dmad", "aand", "anovit", "baselines", "mine"]
+    assert execute.expected_seconds(runs[5]) == (744.0, "estimate")
+    assert execute.expected_seconds(runs[6]) == (execute.DEFAULT_EXPECTED_SECONDS, "default estimate")
+    # a finished run's own wall time wins over the estimate; a failed attempt's partial time does not count
+    for run, status, seconds in ((runs[2], "ok", 900.0), (runs[0], "failed", 5000.0)):
+        execute.Path(run.run_dir).mkdir(parents=True)
+        (execute.Path(run.run_dir) / execute.STATUS).write_text(json.dumps({"status": status, "seconds": seconds}))
+    assert execute.expected_seconds(runs[2]) == (900.0, "last run")
+    assert [runs[i].name for i in execute.start_order(runs)] == [
+        "anovit", "vt_adl", "advit", "dmad", "aand", "baselines", "mine"]
+    # execute_runs hands them to the executor in that order and returns the statuses in planned order
+    recorder, log = _RecordingExecutor(), []
+    statuses = execute.execute_runs(runs, executor=recorder, progress=False, log=log.append)
+    assert recorder.order == ["anovit", "vt_adl", "advit", "dmad", "aand", "baselines", "mine"]
+    assert [s["name"] for s in statuses] == names
+    assert log[:2] == ["  finished in    12.3 s: anovit [default] (ok)", "  finished in    12.3 s: vt_adl [default] (ok)"]
+
+
+def test_the_finished_line_names_notebook_params_sets_categories_and_seconds(tmp_path):
+    run = _fake_run(tmp_path, "vt_adl", "paper", categories=["bottle", "cable"], sets=["lr=0.001"])
+    line = execute.finished_line(run, {"status": "failed", "seconds": 743.96})
+    assert line == "  finished in   744.0 s: vt_adl [paper] lr=0.001 bottle,cable (failed)"
+    assert execute.finished_line(_fake_run(tmp_path, "knn", categories="brick"), {"status": "ok", "seconds": 1}) \
+        == "  finished in     1.0 s: knn [default] brick (ok)"

@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 
 from ..data.textures import default_cache_dir
-from ..runs.execute import execute_runs, is_done, run_status, write_manifest
+from ..runs.execute import execute_runs, expected_seconds, is_done, run_status, start_order, write_manifest
 from ..runs.params import parse_parameters
 from ..runs.plan import BUDGET_GRID, DEFAULT_GRID, NOTEBOOKS_DIR, Run, _sha, load_grid, plan_grids
 
@@ -201,6 +201,10 @@ def build_book(*, grid=None, grids=None, sets=(), budget_grid=BUDGET_GRID, smoke
     if build:
         fetch_widget_js(book_dir / "_static" / "vendor")  # needs npm: fail before the runs, not after
     log(f"{len(runs)} notebook run(s) planned: {', '.join(r.key for r in runs)}")
+    if run and len(runs) > 1:
+        expected = [expected_seconds(r) for r in runs]
+        log("they start longest expected first: " + ", ".join(
+            f"{runs[i].name} {expected[i][0]:.0f} s ({expected[i][1]})" for i in start_order(runs)))
 
     if run:
         statuses = execute_runs(runs, jobs=jobs, executor=executor, force=force, timeout=timeout, progress=progress,

@@ -9,6 +9,7 @@ masks are binarised with ``> 0`` and resized with nearest neighbour.
 from __future__ import annotations
 
 import os
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -147,12 +148,31 @@ def _bmp_is_truncated(path: str) -> bool:
     return os.path.getsize(path) < offset + stride * abs(height)
 
 
+class NotRegularFile(DataError):
+    """A path that is a named pipe, device or socket: opening it could block forever, so it is never read."""
+
+
+def check_regular_file(path: str) -> None:
+    """Raises NotRegularFile for a FIFO, device or socket (reading one can hang or never end), DataError if missing."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        raise DataError(f"image file {path!r} is unreadable ({type(e).__name__}: {e})") from e
+    if not stat.S_ISREG(mode):
+        kind = ("a named pipe" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else
+                "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a folder" if stat.S_ISDIR(mode) else
+                "not a regular file")
+        raise NotRegularFile(f"skipped {path!r}: it is {kind}, not a regular file")
+
+
 def check_image_file(path: str) -> tuple[int, int]:
-    """Cheap validity check (header + PIL ``verify`` + BMP size check); returns (width, height).
+    """Cheap validity check (regular file + header + PIL ``verify`` + BMP size check); returns (width, height).
 
     Raises:
+        NotRegularFile: a named pipe, device or socket (never opened).
         DataError: the file is missing, not an image, or truncated.
     """
+    check_regular_file(path)
     try:
         with Image.open(path) as im:
             size = im.size
@@ -165,11 +185,19 @@ def check_image_file(path: str) -> tuple[int, int]:
 
 
 def _load(path: str) -> Image.Image:
+    check_regular_file(path)
+    im = None
     try:
-        with Image.open(path) as im:
-            im.load()
-            return im.copy()
+        im = Image.open(path)
+        im.load()  # a single-frame file opened by name is closed once loaded, so no copy is needed
+        if getattr(im, "n_frames", 1) > 1:  # multi-frame files keep their file open: copy the first frame, close
+            first = im.copy()
+            im.close()
+            return first
+        return im
     except (OSError, SyntaxError, ValueError) as e:
+        if im is not None:
+            im.close()
         raise DataError(f"image file {path!r} is unreadable or truncated ({type(e).__name__}: {e})") from e
 
 
@@ -195,17 +223,51 @@ def decoded_cache_fits(num_bytes: int, fraction: float = 0.25) -> bool:
     return num_bytes <= fraction * psutil.virtual_memory().available
 
 
+# Pillow's modes for 16-bit grey (PNG, TIFF, PGM); 48-bit RGB PNGs are opened as 8-bit "RGB" already (high byte).
+_GREY16 = ("I;16", "I;16B", "I;16L", "I;16N")
+
+
+def to_8bit(im: Image.Image, path: str = "image") -> Image.Image:
+    """8-bit grey ("L") or RGB as a camera wrote it: 16-bit grey is scaled by its bit depth (v · 255 / 65535,
+    rounded), never by the image's own content, so two images differ after reading exactly as they differed on disk.
+    Grey stays one channel (resizing it before repeating it to RGB gives the same pixels for a third of the memory).
+
+    Raises:
+        DataError: 32-bit integer or floating-point images (TIFF modes I and F): their range is not defined by a bit
+            depth, so any scaling would be a guess.
+    """
+    if im.mode in _GREY16:
+        arr = np.asarray(im).astype(np.uint32)  # (H, W); uint32 so that v * 255 cannot overflow
+        return Image.fromarray(((arr * 255 + 32767) // 65535).astype(np.uint8), mode="L")
+    if im.mode in ("I", "F") or im.mode.startswith("I;"):
+        kind = "floating-point" if im.mode == "F" else "32-bit integer" if im.mode == "I" else f"{im.mode}"
+        raise DataError(f"image file {path!r} holds {kind} pixels (mode {im.mode}); adcore reads 8-bit and 16-bit "
+                        "images only, because such values have no fixed range to scale by. Convert it to 8- or 16-bit "
+                        "with the scaling you mean")
+    return im if im.mode in ("L", "RGB") else im.convert("RGB")
+
+
+def load_8bit(path: str) -> Image.Image:
+    """The file as an 8-bit "L" or "RGB" PIL image at its own size (:func:`to_8bit`); one decoded copy."""
+    return to_8bit(_load(path), path)
+
+
+def resize_rgb(im: Image.Image, size: tuple[int, int], resample) -> np.ndarray:
+    """(h, w, 3) uint8: an "L" or "RGB" image resized to ``size`` = (w, h) with PIL's ``resample``, then made RGB."""
+    if im.size != size:
+        im = im.resize(size, resample)
+    return np.asarray(im.convert("RGB"), dtype=np.uint8)
+
+
 def read_image(path: str, size: int | None, resample: str = "bilinear") -> np.ndarray:
-    """(S, S, 3) uint8; grey and palette images are repeated/expanded to RGB, resized with antialiased ``resample``."""
-    im = _load(path)
-    if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grey: scale to 8 bit rather than clip
-        arr = np.asarray(im, dtype=np.float64)
-        im = Image.fromarray(np.round(arr * 255.0 / (65535.0 if arr.max() > 255 else 255.0)).astype(np.uint8))
-    im = im.convert("RGB")
-    if size is not None and im.size != (size, size):
-        # PIL widens the filter's support when downscaling, which is what antialiasing means here
-        im = im.resize((size, size), RESAMPLE[check_resample(resample)])
-    return np.asarray(im, dtype=np.uint8)
+    """(S, S, 3) uint8; grey and palette images are repeated/expanded to RGB, 16-bit grey scaled by its bit depth
+    (:func:`to_8bit`), resized with antialiased ``resample`` (PIL widens the filter's support when downscaling).
+
+    Raises:
+        DataError: unreadable, truncated, not a regular file, or float / 32-bit integer pixels.
+    """
+    im = load_8bit(path)
+    return resize_rgb(im, im.size if size is None else (size, size), RESAMPLE[check_resample(resample)])
 
 
 def read_mask(path: str, image_size: tuple[int, int], size: int | None) -> np.ndarray:

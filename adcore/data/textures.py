@@ -36,6 +36,10 @@ same offsets inside a quadrant) and the same scale. Why this design:
   draws from the photo; more images sharpen the estimate of *this* benchmark's rate, not of the photo's.
 - The 192–204 px scale of v3 is kept (a 256 px quadrant would admit larger windows, but then with no room to move),
   so the only change from v3 is where the windows lie.
+- What no layout can fix: training windows overlap each other (in a quadrant every pair shares at least 44 % of its
+  area), so a held-out training image shares pixels with the images a model was fitted on, and no test image does.
+  A model that memorises patches scores held-out training images lower than new ones, and a threshold fitted on them
+  flags more good test images than it backs (:mod:`adcore.data.threshold_check`, shown in the book's data chapter).
 
 Window boxes come from their own random stream (:func:`windows`), and flips, rotations and defects from a second one,
 so the layout can be inspected without building. The stamp records every image's box.

@@ -6,6 +6,7 @@ Examples::
     python -m adcore train dmad --data /data/my_good_parts --out parts.pt --fpr 0.005
     python -m adcore predict brick.pt new_images/ 'more/*.png' --out predictions --masks
     python -m adcore export brick.pt --format onnx --out brick.onnx
+    python -m adcore export brick.pt --format openvino --out brick_openvino/
 """
 from __future__ import annotations
 
@@ -14,6 +15,9 @@ import importlib
 import sys
 
 import yaml
+
+# The value only: importing .predict here would pull torch into `python -m adcore --help`.
+DEFAULT_MAX_PIXELS = 89_478_485
 
 
 def _key_value(text: str) -> tuple[str, object]:
@@ -27,7 +31,7 @@ def _train(args) -> int:
     from .train import train
 
     train(args.model, args.data, args.out, category=args.category, recipe=args.recipe, overrides=dict(args.set),
-          holdout=args.holdout, fpr=args.fpr, seed=args.seed, device=args.device, fresh=args.fresh,
+          holdout=args.holdout, fpr=args.fpr, confidence=args.confidence, seed=args.seed, device=args.device, fresh=args.fresh,
           progress=not args.no_progress)
     return 0
 
@@ -36,17 +40,28 @@ def _predict(args) -> int:
     from .predict import predict
 
     path = predict(args.model_file, args.images, args.out, masks=args.masks, batch_size=args.batch_size,
-                   device=args.device, progress=not args.no_progress)
+                   device=args.device, progress=not args.no_progress, max_pixels=args.max_pixels, force=args.force,
+                   expect_sha256=args.expect_sha256)
     print(f"wrote {path}")
     return 0
 
 
 def _export(args) -> int:
-    from .export import export_onnx
+    from .export import ExportError, export_onnx, export_openvino
 
-    result = export_onnx(args.model_file, args.out, check=not args.no_check)
+    runtime = {"onnx": "onnxruntime", "openvino": "OpenVINO (CPU, f32)"}[args.format]
+    try:
+        if args.expect_sha256:
+            from ..artifact import read
+
+            read(args.model_file, args.expect_sha256)
+        result = (export_onnx if args.format == "onnx" else export_openvino)(args.model_file, args.out,
+                                                                            check=not args.no_check)
+    except ExportError as e:
+        print(f"adcore export: error: {e}", file=sys.stderr)
+        return 1
     for batch, r in result.items():
-        print(f"checked with onnxruntime at {batch}: map differs by {r['map_rel']:.1e}, score by {r['score_rel']:.1e}"
+        print(f"checked with {runtime} at {batch}: map differs by {r['map_rel']:.1e}, score by {r['score_rel']:.1e}"
               " of their range")
     print(f"wrote {args.out}")
     return 0
@@ -56,7 +71,7 @@ def _guarded(handler, messages: dict):
     def run(args) -> int:
         try:
             return handler(args)
-        except FileNotFoundError as e:
+        except (FileNotFoundError, ValueError) as e:  # bad input: one line, no traceback (ArtifactError, DataError too)
             print(f"adcore {args.command}: error: {e}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:
@@ -92,6 +107,9 @@ def add_commands(sub) -> None:
                    "threshold (default 0.2)")
     t.add_argument("--fpr", type=float, default=0.01, help="target false-positive rate of the threshold on good "
                    "images (default 0.01)")
+    t.add_argument("--confidence", type=float, help="pick the threshold whose false-positive rate exceeds --fpr in "
+                   "at most 1 - CONFIDENCE of fits (e.g. 0.9), instead of only on average; needs more held-out images "
+                   "(230 for --fpr 0.01 at 0.9): the command says how many")
     t.add_argument("--seed", type=int, default=0, help="seeds the held-out split and training (default 0)")
     t.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
     t.add_argument("--fresh", action="store_true", help="discard an interrupted training instead of resuming it")
@@ -107,6 +125,11 @@ def add_commands(sub) -> None:
     p.add_argument("--masks", action="store_true", help="also write a binary mask PNG per image")
     p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
+    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="images with more pixels get an error "
+                   f"row without being decoded (default {DEFAULT_MAX_PIXELS:,}, Pillow's decompression-bomb limit)")
+    p.add_argument("--force", action="store_true", help="start over when --out holds results of another model or "
+                   "threshold (the old CSV is kept beside)")
+    p.add_argument("--expect-sha256", help="refuse the model file unless its SHA-256 is this (pin the file you tested)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(handler=_guarded(_predict, _INTERRUPTED))
 
@@ -114,7 +137,9 @@ def add_commands(sub) -> None:
                        description=_doc("export"),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     e.add_argument("model_file", help="a model file written by python -m adcore train (or adcore.save)")
-    e.add_argument("--format", choices=["onnx"], default="onnx", help="the export format (onnx)")
-    e.add_argument("--out", required=True, help="the file to write, e.g. model.onnx")
-    e.add_argument("--no-check", action="store_true", help="skip the onnxruntime check against the torch path")
+    e.add_argument("--format", choices=["onnx", "openvino"], default="onnx",
+                   help="onnx (one file) or openvino (a folder: model.xml, model.bin, adcore.json)")
+    e.add_argument("--out", required=True, help="the file (onnx, e.g. model.onnx) or folder (openvino) to write")
+    e.add_argument("--expect-sha256", help="refuse the model file unless its SHA-256 is this")
+    e.add_argument("--no-check", action="store_true", help="skip the runtime's check against the torch path")
     e.set_defaults(handler=_guarded(_export, _INTERRUPTED))

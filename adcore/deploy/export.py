@@ -1,4 +1,5 @@
-"""``python -m adcore export``: one ONNX graph from images to (image score, anomaly map), checked before it is kept.
+"""``python -m adcore export``: one ONNX graph (or OpenVINO model) from images to (image score, anomaly map), checked
+before it is kept.
 
 The graph is :class:`adcore.deploy.postprocess.ScoringGraph` exported with ``torch.onnx.export(dynamo=True)``:
 input ``images`` float32 (B, 3, S, S) in [0, 1] with a dynamic batch B, outputs ``score`` (B,) and ``anomaly_map``
@@ -6,7 +7,13 @@ input ``images`` float32 (B, 3, S, S) in [0, 1] with a dynamic batch B, outputs 
 their PyTorch references (``ADCORE_BACKEND=torch``): Triton kernels do not export.
 
 The file's metadata (``metadata_props``) carries what a runtime without PyTorch needs: the threshold, the pixel
-threshold, the input side and the preprocessing, as JSON under ``adcore``.
+threshold, the input side and the preprocessing, as JSON under ``adcore``. A model file without a threshold exports
+with ``"threshold": null`` and a ``decision`` entry saying so: such a graph gives scores and maps, not decisions.
+
+``--format openvino`` converts that same checked ONNX graph with OpenVINO's own converter (``openvino.convert_model``)
+and writes ``DIR/model.xml``, ``DIR/model.bin`` (float32 weights: no FP16 compression) and ``DIR/adcore.json`` (the
+same metadata, also in the model's ``rt_info`` under ``adcore``). It is checked like the ONNX file, on OpenVINO's CPU
+plugin with f32 inference precision (the plugin would otherwise pick bf16 on CPUs that have it).
 
 Before the file is written, ONNX Runtime runs it on a fixed batch of random images at two batch sizes and its maps
 must match the torch path to 1e-4 of their range (and the scores likewise); otherwise nothing is written and the
@@ -52,15 +59,43 @@ def _check_exportable(model) -> None:
 
 
 def agreement(graph, session, images: torch.Tensor) -> dict:
-    """Run the torch graph and an ONNX Runtime session on ``images``; the relative differences and both outputs."""
+    """Run the torch graph and an ONNX Runtime session (or a compiled OpenVINO model) on ``images``; the relative
+    differences and both outputs (``*_onnx``: the other runtime's)."""
     with torch.no_grad():
         score_t, map_t = (t.numpy() for t in graph(images))
-    score_o, map_o = session.run(["score", "anomaly_map"], {"images": images.numpy()})
+    score_o, map_o = (np.asarray(a) for a in _outputs(session, images.numpy()))
     map_range = float(map_t.max() - map_t.min()) or 1.0
     score_range = float(score_t.max() - score_t.min()) if len(score_t) > 1 else abs(float(score_t[0]))
     return {"map_rel": float(np.abs(map_o - map_t).max()) / map_range,
             "score_rel": float(np.abs(score_o - score_t).max()) / (score_range or 1.0),
             "score_torch": score_t, "score_onnx": score_o, "map_torch": map_t, "map_onnx": map_o}
+
+
+def _outputs(session, images: np.ndarray):
+    if hasattr(session, "run"):  # onnxruntime.InferenceSession
+        return session.run(["score", "anomaly_map"], {"images": images})
+    result = session(images)  # an openvino CompiledModel
+    return result["score"], result["anomaly_map"]
+
+
+def check_runtime(graph, session, size: int, name: str, what: str, gen=None) -> dict:
+    """Run ``session`` (onnxruntime or OpenVINO) and the torch ``graph`` on random batches of 1 and 3 (a batch other
+    than the traced one proves the batch axis is really dynamic); their numbers, or an ExportError."""
+    gen = gen if gen is not None else torch.Generator().manual_seed(0)
+    result = {}
+    for b in (1, 3):
+        try:
+            with _torch_backend():
+                r = agreement(graph, session, torch.rand(b, 3, size, size, generator=gen))
+        except Exception as e:  # the runtimes' errors name the node that failed
+            raise ExportError(f"{what} of {name!r} fails at batch {b} (the model's code may fix the batch size while "
+                              f"tracing): {str(e)[:400]}") from e
+        result[f"batch {b}"] = {"map_rel": r["map_rel"], "score_rel": r["score_rel"]}
+        if not (r["map_rel"] <= TOLERANCE and r["score_rel"] <= TOLERANCE):
+            raise ExportError(f"{what} of {name!r} does not reproduce the torch path at batch {b}: max map difference "
+                              f"{r['map_rel']:.2e} and score difference {r['score_rel']:.2e} of their range (allowed "
+                              f"{TOLERANCE:.0e}); nothing was written")
+    return result
 
 
 def onnx_session(path):
@@ -69,6 +104,82 @@ def onnx_session(path):
     options = ort.SessionOptions()
     options.log_severity_level = 3
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def openvino_compiled(path):
+    """A compiled OpenVINO model for ``path`` (``model.xml`` or a folder holding one) on the CPU, in f32."""
+    import openvino as ov
+
+    path = Path(path)
+    xml = path / "model.xml" if path.is_dir() else path
+    return ov.Core().compile_model(str(xml), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+
+
+def export_openvino(model_path, out_dir, *, check: bool = True) -> dict:
+    """Export the model file ``model_path`` to the OpenVINO folder ``out_dir`` (model.xml, model.bin, adcore.json)
+    through the checked ONNX graph; returns the OpenVINO check's numbers per batch size.
+
+    Raises:
+        ExportError: as :func:`export_onnx`, or OpenVINO cannot convert or does not reproduce the torch path.
+    """
+    from ..artifact import load
+
+    model = load(model_path)
+    return export_openvino_model(model, out_dir, model.artifact, check=check)
+
+
+def export_openvino_model(model, out_dir, meta: dict, *, check: bool = True) -> dict:
+    try:
+        import openvino as ov
+    except ImportError as e:
+        raise ExportError("OpenVINO export needs the deploy extra: pip install -e \".[deploy]\"") from e
+    from .postprocess import ScoringGraph
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ExportError(f"--out {str(out_dir)!r} is a file; OpenVINO writes a folder (model.xml, model.bin)")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    name = meta.get("model_name", type(model).__name__)
+    size, sigma = meta["preprocessing"]["image_size"], meta["preprocessing"]["sigma"]
+    with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.") as tmp:
+        onnx_path = Path(tmp) / "model.onnx"
+        export_model(model, onnx_path, meta, check=False)  # OpenVINO's check below is the one that matters here
+        try:
+            ov_model = ov.convert_model(str(onnx_path))
+        except Exception as e:
+            raise ExportError(f"OpenVINO cannot convert the ONNX graph of {name!r}: {type(e).__name__}: "
+                              f"{str(e)[:400]}") from e
+        info = json.dumps(_metadata(meta, name), default=list)
+        ov_model.set_rt_info(info, ["adcore"])
+        staged = Path(tmp) / "openvino"
+        staged.mkdir()
+        ov.save_model(ov_model, str(staged / "model.xml"), compress_to_fp16=False)
+        (staged / "adcore.json").write_text(info + "\n")
+        result = {}
+        if check:
+            graph = ScoringGraph(model, size, sigma).eval()
+            compiled = openvino_compiled(staged)
+            result = check_runtime(graph, compiled, size, name, "the OpenVINO model")
+        if out_dir.exists():
+            for f in ("model.xml", "model.bin", "adcore.json"):
+                (out_dir / f).unlink(missing_ok=True)
+            out_dir.rmdir()  # refuses a folder holding anything else: nothing of the user's is removed
+        os.replace(staged, out_dir)
+    return result
+
+
+def _metadata(meta: dict, name: str) -> dict:
+    threshold = meta.get("threshold")
+    return {
+        "adcore_version": meta.get("adcore_version"), "model_name": name,
+        "model_params": meta.get("model_params"), "preprocessing": meta["preprocessing"],
+        "threshold": None if threshold is None else {k: v for k, v in threshold.items() if k != "holdout_scores"},
+        "decision": ("anomalous if score > threshold.value" if threshold is not None else
+                     "none: the model file has no threshold, so this graph gives scores and maps only; fit one "
+                     "(python -m adcore train) before deciding anything"),
+        "inputs": "images: float32 (B, 3, S, S) in [0, 1], RGB",
+        "outputs": "score: (B,) image score, anomalous if > threshold.value; anomaly_map: (B, S, S)",
+    }
 
 
 def export_onnx(model_path, out, *, check: bool = True) -> dict:
@@ -115,28 +226,10 @@ def export_model(model, out, meta: dict, *, check: bool = True) -> dict:
             gist = " | ".join(lines[:3])[:600]
             raise ExportError(f"model {name!r} cannot be exported to ONNX: {type(e).__name__}: {gist}") from e
         proto = onnx.load(str(tmp_path))
-        onnx.helper.set_model_props(proto, {"adcore": json.dumps({
-            "adcore_version": meta.get("adcore_version"), "model_name": name,
-            "model_params": meta.get("model_params"), "preprocessing": meta["preprocessing"],
-            "threshold": {k: v for k, v in (meta.get("threshold") or {}).items() if k != "holdout_scores"},
-            "inputs": "images: float32 (B, 3, S, S) in [0, 1], RGB",
-            "outputs": "score: (B,) image score, anomalous if > threshold.value; anomaly_map: (B, S, S)",
-        }, default=list)})
+        onnx.helper.set_model_props(proto, {"adcore": json.dumps(_metadata(meta, name), default=list)})
         onnx.save(proto, str(tmp_path))
         result = {}
         if check:
-            session = onnx_session(tmp_path)
-            for b in (1, 3):  # a batch other than the traced one proves the batch axis is really dynamic
-                try:
-                    r = agreement(graph, session, torch.rand(b, 3, size, size, generator=gen))
-                except Exception as e:  # onnxruntime's errors name the node that failed
-                    raise ExportError(f"the ONNX graph of {name!r} fails in onnxruntime at batch {b} (the model's "
-                                      f"code may fix the batch size while tracing): {str(e)[:400]}") from e
-                result[f"batch {b}"] = {"map_rel": r["map_rel"], "score_rel": r["score_rel"]}
-                if not (r["map_rel"] <= TOLERANCE and r["score_rel"] <= TOLERANCE):
-                    raise ExportError(f"the ONNX graph of {name!r} does not reproduce the torch path at batch {b}: "
-                                      f"max map difference {r['map_rel']:.2e} and score difference "
-                                      f"{r['score_rel']:.2e} of their range (allowed {TOLERANCE:.0e}); nothing was "
-                                      "written")
+            result = check_runtime(graph, onnx_session(tmp_path), size, name, "the ONNX graph", gen)
         os.replace(tmp_path, out)
     return result

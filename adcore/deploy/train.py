@@ -7,7 +7,10 @@
    progress bar and a checkpoint after every epoch in ``<out>.train/``. Run the same command again after an
    interruption and it resumes; training ends with the same weights as an uninterrupted run.
 3. The held-out images are scored and the decision threshold is placed at the split-conformal quantile for the
-   target false-positive rate (``--fpr``, default 1 %; :mod:`adcore.deploy.threshold`). No anomalous image is used.
+   target false-positive rate (``--fpr``, default 1 %; a rate met on average over fits), or, with ``--confidence
+   0.9``, at the order statistic whose rate exceeds the target in at most 10 % of fits (:mod:`adcore.deploy.threshold`
+   says exactly what each promises). No anomalous image is used. ``--fpr``, ``--confidence`` and ``--out`` are
+   checked before any training.
 4. ``adcore.save`` writes the model file; the checkpoint folder is then removed.
 """
 from __future__ import annotations
@@ -24,7 +27,7 @@ import torch
 
 from ..artifact import save
 from ..data.folder import IMAGE_EXTENSIONS, AnomalyDataset, DataError, Sample
-from .threshold import describe, fit_threshold
+from .threshold import check_confidence, check_fpr, describe, fit_threshold, needed_holdout
 
 SETTINGS_NAME = "settings.json"
 
@@ -112,19 +115,36 @@ def score_images(graph, data, batch_size: int, device, progress: bool = True) ->
 
 
 def train(model_name: str, data: str, out, *, category: str | None = None, recipe: str = "default",
-          overrides: dict | None = None, holdout: float = 0.2, fpr: float = 0.01, seed: int = 0, device="cpu",
-          fresh: bool = False, progress: bool = True):
-    """Everything ``python -m adcore train`` does (see the module docstring); returns the trained model."""
+          overrides: dict | None = None, holdout: float = 0.2, fpr: float = 0.01, confidence: float | None = None,
+          seed: int = 0, device="cpu", fresh: bool = False, progress: bool = True):
+    """Everything ``python -m adcore train`` does (see the module docstring); returns the trained model.
+
+    Raises:
+        ValueError: a bad ``fpr``/``confidence``, too few held-out images for ``confidence``, or an ``out`` that is a
+            folder or in a folder that cannot be written: all checked before any training.
+    """
     from ..registry import create_model, get_recipe
     from ..training import fit
     from ..utils import atomic_write_json, resolve_device, seed_everything
     from .postprocess import ScoringGraph
 
+    from .predict import check_writable_file
+
     out = Path(out)
+    fpr, confidence = check_fpr(fpr), check_confidence(confidence)
+    check_writable_file(out, "--out")
     training, params = resolve_settings(model_name, recipe, overrides)
     size = training["image_size"]
     images = good_images(data, category, size, training["resample"])
     train_idx, hold_idx = split_holdout(len(images), holdout, seed)
+    if confidence is not None:
+        need = needed_holdout(fpr, confidence)
+        print(f"a false-positive rate of {fpr:.3g} with confidence {confidence:.3g} needs at least {need} held-out "
+              f"good images; {len(hold_idx)} are held out")
+        if len(hold_idx) < need:
+            raise ValueError(f"--fpr {fpr:.3g} --confidence {confidence:.3g} needs at least {need} held-out good images "
+                             f"but {len(hold_idx)} of {len(images)} are held out (--holdout {holdout:g}): add good "
+                             "images, raise --holdout or --fpr, or drop --confidence")
     ckpt = out.parent / f"{out.name}.train"
     settings = {"model": model_name, "model_params": params, "training": training, "data": str(data),
                 "category": category, "images": images.paths, "holdout": holdout, "seed": seed}
@@ -153,7 +173,7 @@ def train(model_name: str, data: str, out, *, category: str | None = None, recip
 
     graph = ScoringGraph(model.eval(), size).eval()
     threshold = fit_threshold(*score_images(graph, Part(images, hold_idx), training["batch_size"], device, progress),
-                              fpr=fpr)
+                              fpr=fpr, confidence=confidence)
     print(describe(threshold))
     recipe_record = {**dataclasses.asdict(get_recipe(model_name, recipe)), "which": recipe,
                      "overrides": dict(overrides or {})}

@@ -91,7 +91,8 @@ class DaskExecutor:
         for i, run in enumerate(runs):
             fut = self.client.submit(_task, run, markers[Path(run.run_dir).parents[1]], timeout, force,
                                      key=f"{run.key}-{attempt}", pure=False, retries=self.retries,
-                                     resources={"GPU": 1} if run.gpu else None)
+                                     resources={"GPU": 1} if run.gpu else None,
+                                     priority=len(runs) - i)  # runs come longest first; Dask alone keeps no order
             futures[fut] = i
         try:
             for fut in as_completed(futures):

@@ -25,6 +25,10 @@ from .plan import Run
 
 STATUS = "status.json"
 RUNS_MARKER = ".adcore-runs-dir"  # in the runs directory: lets a worker check it sees the same folder as the runner
+# Seconds a notebook's default run takes when no earlier run of it has finished: `make book` on a fresh clone, 2 cores,
+# JOBS=2, one torch thread per run, as a user measured it (issue 22). Only the order runs start in depends on them.
+EXPECTED_SECONDS = {"vt_adl": 744, "advit": 505, "dmad": 495, "aand": 220, "anovit": 75}
+DEFAULT_EXPECTED_SECONDS = 60  # a notebook not in the table (the baselines, a user's own)
 
 
 def _read_status(run: Run) -> dict | None:
@@ -63,6 +67,38 @@ def is_done(run: Run) -> bool:
     st = _read_status(run)
     return bool(st and st.get("status") == "ok" and st.get("notebook_sha") == run.notebook_sha
                 and st.get("threads") == run.threads and Path(run.output).is_file())
+
+
+def expected_seconds(run: Run) -> tuple[float, str]:
+    """(seconds, where the figure comes from): the wall time the run's last successful attempt recorded in its
+    ``status.json`` (whatever the notebook's source then: an edit seldom changes the cost much), else the notebook's
+    entry in :data:`EXPECTED_SECONDS`. The whole papermill run counts, not only the ``fit_seconds`` its results
+    carry: evaluation and figures take their share of a worker too."""
+    st = _read_status(run)
+    if st and st.get("status") == "ok" and isinstance(st.get("seconds"), (int, float)):
+        return float(st["seconds"]), "last run"
+    if run.name in EXPECTED_SECONDS:
+        return float(EXPECTED_SECONDS[run.name]), "estimate"
+    return float(DEFAULT_EXPECTED_SECONDS), "default estimate"
+
+
+def start_order(runs: list[Run]) -> list[int]:
+    """Indices into ``runs``, longest expected first (ties in planned order): with several workers the longest run
+    then never starts last and leaves the others idle at the end."""
+    seconds = [expected_seconds(run)[0] for run in runs]
+    return sorted(range(len(runs)), key=lambda i: (-seconds[i], i))
+
+
+def finished_line(run: Run, status: dict) -> str:
+    """One build-log line for a run that has just finished: status, wall seconds, notebook, parameter set, --set
+    items and categories (when the run has them)."""
+    what = f"{run.name} [{run.params_name}]"
+    if run.sets:
+        what += " " + " ".join(run.sets)
+    cats = run.resolved.get("categories", run.resolved.get("category"))
+    if cats:
+        what += " " + ",".join([cats] if isinstance(cats, str) else map(str, cats))
+    return f"  finished in {status.get('seconds', 0):7.1f} s: {what} ({status['status']})"
 
 
 def _failed_cell(output: Path) -> dict | None:
@@ -266,7 +302,8 @@ class LocalExecutor:
 def execute_runs(runs: list[Run], *, jobs: int = 1, executor=None, force: bool = False,
                  timeout: float | None = None, progress: bool = True, log=print, poll: float = 2.0) -> list[dict]:
     """Execute ``runs`` (skipping finished ones unless ``force``) with ``executor`` (default: ``jobs`` local
-    processes).
+    processes), started longest expected first (:func:`start_order`); each run logs one line when it finishes
+    (:func:`finished_line`).
 
     Returns one status dict per run, in order: ``status`` is ``ok``, ``skipped`` (finished earlier, or by another
     runner meanwhile) or ``failed``. A run another runner holds is waited for (polled every ``poll`` seconds). A
@@ -277,10 +314,10 @@ def execute_runs(runs: list[Run], *, jobs: int = 1, executor=None, force: bool =
     executor = executor or LocalExecutor(jobs)
     results: dict[int, dict] = {}
     todo = []
-    for i, run in enumerate(runs):
-        run_status(run)  # a run left "running" by a killed runner now reads "interrupted"
-        if not force and is_done(run):
-            results[i] = {**_read_status(run), "status": "skipped"}
+    for i in start_order(runs):
+        run_status(runs[i])  # a run left "running" by a killed runner now reads "interrupted"
+        if not force and is_done(runs[i]):
+            results[i] = {**_read_status(runs[i]), "status": "skipped"}
         else:
             todo.append(i)
     bar = tqdm(total=len(runs), desc="runs", unit="run", disable=not progress, initial=len(runs) - len(todo))
@@ -297,12 +334,14 @@ def execute_runs(runs: list[Run], *, jobs: int = 1, executor=None, force: bool =
                         told.add(i)
                     continue
                 results[i] = st
+                with bar.external_write_mode():  # the line above the bar, not inside it
+                    log(finished_line(runs[i], st))
                 bar.update(1)
                 bar.set_postfix({s: sum(r["status"] == s for r in results.values())
                                  for s in ("ok", "failed", "skipped")})
                 if st["status"] == "failed":
                     log(f"\n  FAILED {runs[i].key}: {_describe_error(st)}")
-            todo = sorted(busy)
+            todo = [i for i in todo if i in busy]  # still longest first
             if todo:
                 time.sleep(poll)
     finally:

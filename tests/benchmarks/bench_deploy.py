@@ -1,4 +1,5 @@
-"""The deploy path's numbers: ONNX agreement and threshold false-positive rate on ``textures``, and CPU throughput.
+"""The deploy path's numbers: ONNX agreement and threshold false-positive rate on ``textures``, and CPU throughput
+(torch, onnxruntime, OpenVINO).
 
 Two reports, each a printed table (CPU, threads as given; nothing here is a pass/fail test)::
 
@@ -6,8 +7,9 @@ Two reports, each a printed table (CPU, threads as given; nothing here is a pass
     # export it, run torch and onnxruntime over the whole test split, and measure the threshold on its good images
     python tests/benchmarks/bench_deploy.py agreement --models knn vt_adl anovit advit dmad aand --categories brick
 
-    # images/s of the scoring graph (model + upsample + Gaussian + max) in torch and onnxruntime; the default recipes'
-    # model parameters, ViTs with patch side S/16 (the recipe's 8 px at 128 px), kNN's bank built on textures brick
+    # images/s of the scoring graph (model + upsample + Gaussian + max) in torch, onnxruntime and OpenVINO (CPU
+    # plugin, f32, converted from the same ONNX file); the default recipes' model parameters, ViTs with patch side
+    # S/16 (the recipe's 8 px at 128 px), kNN's bank built on textures brick
     python tests/benchmarks/bench_deploy.py throughput --sizes 128 256 --batches 1 8 --threads 1
 
 Agreement columns: ``map_rel`` = max |map_onnx − map_torch| over the split / range of the torch maps over the split;
@@ -104,6 +106,7 @@ def _rate(fn, batch: int, min_seconds: float) -> float:
 
 def throughput(args) -> None:
     import onnxruntime as ort
+    import openvino as ov
 
     import adcore
     from adcore.deploy.export import _torch_backend, export_model
@@ -131,6 +134,9 @@ def throughput(args) -> None:
                 options = ort.SessionOptions()
                 options.intra_op_num_threads, options.inter_op_num_threads = args.threads, 1
                 session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+                # the ONNX file through OpenVINO's own converter, f32 as `export --format openvino` checks it
+                compiled = ov.Core().compile_model(ov.convert_model(str(onnx_path)), "CPU", {
+                    "INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": args.threads})
                 graph = ScoringGraph(model, size).eval()
                 for batch in args.batches:
                     x = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(1))
@@ -142,14 +148,16 @@ def throughput(args) -> None:
 
                     t = _rate(run_torch, batch, args.min_seconds)
                     o = _rate(lambda: session.run(None, {"images": xn}), batch, args.min_seconds)
-                    rows.append((name, size, batch, t, o))
+                    v = _rate(lambda: compiled(xn), batch, args.min_seconds)
+                    rows.append((name, size, batch, t, o, v))
                     print(f"{name:7s} {size:4d} px  batch {batch}: torch {t:8.2f} img/s   onnxruntime {o:8.2f} img/s"
-                          f"   ratio {o / t:.2f}", flush=True)
-    print(f"\nCPU, {args.threads} thread(s) each (torch.set_num_threads / intra_op_num_threads), images/s:")
-    print("| model | px | batch | torch | onnxruntime | onnxruntime / torch |")
-    print("|---|---|---|---|---|---|")
-    for name, size, batch, t, o in rows:
-        print(f"| {name} | {size} | {batch} | {t:.2f} | {o:.2f} | {o / t:.2f} |")
+                          f"   openvino {v:8.2f} img/s", flush=True)
+    print(f"\nCPU, {args.threads} thread(s) each (torch.set_num_threads / intra_op_num_threads / "
+          "INFERENCE_NUM_THREADS), images/s:")
+    print("| model | px | batch | torch | onnxruntime | OpenVINO | onnxruntime / torch | OpenVINO / torch |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, size, batch, t, o, v in rows:
+        print(f"| {name} | {size} | {batch} | {t:.2f} | {o:.2f} | {v:.2f} | {o / t:.2f} | {v / t:.2f} |")
 
 
 def main() -> None:

@@ -1,0 +1,102 @@
+"""``python -m adcore export --format openvino`` agrees with the torch path, as the ONNX export is checked: maps within
+1e-4 of their range and identical decisions, on every model the ONNX export covers (knn, dmad, aand, vt_adl, anovit,
+advit) and on conv_ae and center_prior. Models are tiny and untrained (weights do not change what is checked: that
+two runtimes compute one graph); kNN's memory bank and the thresholds come from random images.
+"""
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import adcore
+from adcore.deploy.export import agreement, export_openvino, openvino_compiled
+from adcore.deploy.postprocess import ScoringGraph
+from adcore.deploy.threshold import fit_threshold
+
+pytest.importorskip("openvino")
+pytestmark = pytest.mark.xdist_group("deploy")
+
+VIT = dict(patch_size=8, embed_dim=32, num_heads=2, decoder_width=16)
+MODELS = {  # name: (model_params, image side)
+    "knn": ({}, 64),
+    "dmad": ({"pretrained": False}, 64),
+    "aand": ({"pretrained": False}, 64),
+    "vt_adl": ({**VIT, "image_size": 32, "depth": 1, "latent_dim": 64, "num_components": 3}, 32),
+    "anovit": ({**VIT, "image_size": 32, "depth": 1}, 32),
+    "advit": ({**VIT, "image_size": 32, "depth": 2, "latent_dim": 64, "num_components": 3}, 32),
+    "conv_ae": ({**{k: v for k, v in VIT.items() if k != "num_heads"}, "image_size": 32, "base_width": 8}, 32),
+    "center_prior": ({}, 32),
+}
+
+
+def _images(n: int, size: int, seed: int) -> torch.Tensor:
+    return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_openvino_agrees_with_torch(name, tmp_path):
+    params, size = MODELS[name]
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pretrained=False warns that the backbone is random: meant here
+        model = adcore.create_model(name, **params)
+    if name == "knn":
+        adcore.fit(model, [{"image": im} for im in _images(4, size, 1)], num_epochs=0, progress=False)
+    model.eval()
+    graph = ScoringGraph(model, size).eval()
+    with torch.no_grad():
+        held_out = graph(_images(6, size, 2))
+    threshold = fit_threshold(held_out[0].numpy(), held_out[1].flatten(1).amax(1).numpy(),
+                              held_out[1].flatten(1).amin(1).numpy(), fpr=0.2)
+    adcore.save(model, tmp_path / "m.pt", image_size=size, threshold=threshold)
+
+    checked = export_openvino(tmp_path / "m.pt", tmp_path / "ov")
+    assert set(checked) == {"batch 1", "batch 3"}
+    assert sorted(p.name for p in (tmp_path / "ov").iterdir()) == ["adcore.json", "model.bin", "model.xml"]
+    meta = json.loads((tmp_path / "ov" / "adcore.json").read_text())
+    assert meta["model_name"] == name and meta["threshold"]["value"] == threshold["value"]
+
+    compiled = openvino_compiled(tmp_path / "ov")
+    r = agreement(graph, compiled, _images(8, size, 3))
+    assert r["map_rel"] <= 1e-4, f"OpenVINO map differs from torch by {r['map_rel']:.2e} of its range"
+    assert r["score_rel"] <= 1e-4
+    t = threshold["value"]
+    assert np.array_equal(r["score_torch"] > t, r["score_onnx"] > t)
+
+
+def test_openvino_export_refuses_a_file_as_out(tmp_path):
+    from adcore.deploy.export import ExportError, export_openvino_model
+
+    (tmp_path / "file").write_text("x")
+    model = adcore.create_model("center_prior").eval()
+    meta = {"model_name": "center_prior", "preprocessing": {"image_size": 32, "sigma": 4.0}}
+    with pytest.raises(ExportError, match="is a file"):
+        export_openvino_model(model, tmp_path / "file", meta)
+
+
+def test_the_cli_exports_openvino_and_honours_expect_sha256(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from adcore.artifact import file_sha256
+
+    adcore.save(adcore.create_model("center_prior").eval(), tmp_path / "m.pt", image_size=32)  # no threshold
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "adcore", "export", str(tmp_path / "m.pt"), "--format",
+                               "openvino", *args], env=env, capture_output=True, text=True, timeout=600)
+
+    bad = cli("--out", str(tmp_path / "ov"), "--expect-sha256", "0" * 64)
+    assert bad.returncode == 2 and "not the expected" in bad.stderr and not (tmp_path / "ov").exists()
+    good = cli("--out", str(tmp_path / "ov"), "--expect-sha256", file_sha256(tmp_path / "m.pt"))
+    assert good.returncode == 0, good.stderr[-2000:]
+    assert "checked with OpenVINO (CPU, f32) at batch 3" in good.stdout
+    meta = json.loads((tmp_path / "ov" / "adcore.json").read_text())
+    assert meta["threshold"] is None and meta["decision"].startswith("none:")
