@@ -29,6 +29,7 @@ def test_dmad_rows_measure_the_codes_protocol_at_the_last_and_the_best_evaluatio
     assert [(x["honest"], x["shortcut_value"], x["epoch"]) for x in rows] == [(0.80, 0.86, None), (0.80, 0.97, 2)]
     # a result measured before code_protocol existed gives no row (no guess from the training-set min-max score)
     assert shortcuts.dmad_rows([result("dmad")]) == []
+    assert not hasattr(shortcuts, "DMAD_EVAL_SHARE") and not hasattr(shortcuts, "AAND_EVAL_SHARE")  # dead, gone
 
 
 def test_dmad_code_protocol_normalises_on_the_test_set_and_takes_the_better_of_two():
