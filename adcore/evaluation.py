@@ -70,7 +70,7 @@ def predict_dataset(model: AnomalyModel, test_data, *, batch_size: int = 8, sigm
     if progress:
         from tqdm.auto import tqdm
         loader = tqdm(loader, desc="evaluate", leave=False)
-    images, maps, raw_scores, masks, labels, paths, defects = [], [], [], [], [], [], []
+    images, maps, raw_scores, masks, labels, paths, defects, terms = [], [], [], [], [], [], [], []
     for batch in loader:
         out = model.predict(batch["image"].to(device))
         if not isinstance(out, AnomalyOutput):
@@ -86,15 +86,20 @@ def predict_dataset(model: AnomalyModel, test_data, *, batch_size: int = 8, sigm
             raise ValueError(f"{type(model).__name__} produced non-finite scores on {batch['path'][0]!r} (batch)")
         maps.append(amap)
         raw_scores.append(out.pred_score.detach().float().cpu().numpy())
+        if out.score_terms is not None:
+            terms.append(out.score_terms.detach().double().cpu().numpy())
         masks.append(mask.numpy().astype(np.uint8))
         labels.append(np.asarray(batch["label"]))
         images.append((batch["image"].clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy())
         paths += list(batch["path"])
         defects += list(batch.get("defect", [""] * b))
     maps = np.concatenate(maps)
-    return {"images": np.concatenate(images), "maps": maps, "raw_scores": np.concatenate(raw_scores),
-            "map_scores": maps.reshape(len(maps), -1).max(axis=1), "masks": np.concatenate(masks),
-            "labels": np.concatenate(labels).astype(np.int64), "paths": paths, "defects": defects}
+    out = {"images": np.concatenate(images), "maps": maps, "raw_scores": np.concatenate(raw_scores),
+           "map_scores": maps.reshape(len(maps), -1).max(axis=1), "masks": np.concatenate(masks),
+           "labels": np.concatenate(labels).astype(np.int64), "paths": paths, "defects": defects}
+    if terms and len(terms) == len(raw_scores):
+        out["score_terms"] = np.concatenate(terms)  # (N, K): the model's own score's raw terms
+    return out
 
 
 @torch.no_grad()
@@ -185,7 +190,8 @@ def evaluate(model: AnomalyModel, test_data, *, run_name: str | None = None, par
     Returns:
         The results dict (and the arrays dict when ``return_arrays``). Keys: image_auroc, pixel_auroc, aupro,
         f1_max_oracle, pro_rd4ad, vtadl_pro, border_max_fraction (a diagnostic: :func:`border_max_fraction`),
-        image_score, model, dataset, category, protocol, resolution, ...
+        image_score, model, dataset, category, protocol, resolution, ...; ``code_protocol`` for a model that defines
+        one (DMAD: its repository's test-set protocol, measured for the shortcuts chapter, never our number).
         Pixel metrics are ``None`` for image-level benchmarks (``digits``).
     """
     from .training import at_model_size
@@ -232,6 +238,10 @@ def evaluate(model: AnomalyModel, test_data, *, run_name: str | None = None, par
         # what decides the digits beside the parameters: torch threads, library versions, device
         "reproducibility": provenance.numerics(resolve_device(device)),
     }
+    code_protocol = getattr(model, "code_protocol", None)
+    if code_protocol is not None and "score_terms" in arrays:
+        # the paper's own test protocol, measured for the shortcuts chapter (adcore.book.shortcuts); not our result
+        result["code_protocol"] = code_protocol(labels, arrays["score_terms"], result["category"])
     if train_scores is not None:
         train_scores = np.asarray(train_scores, dtype=np.float64)
         if train_scores.ndim != 1 or not len(train_scores) or not np.isfinite(train_scores).all():

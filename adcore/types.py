@@ -17,10 +17,13 @@ class AnomalyOutput(NamedTuple):
     Attributes:
         pred_score: (B,) image-level score, higher = more anomalous.
         anomaly_map: (B, h, w) pixel-level score at any resolution; ``evaluate`` upsamples it to the mask size.
+        score_terms: (B, K) the raw terms an own image score combines, or None. Only for measuring a paper's own
+            protocol that normalises them over the test set (DMAD's ``code_protocol``); never part of a result.
     """
 
     pred_score: torch.Tensor
     anomaly_map: torch.Tensor
+    score_terms: torch.Tensor | None = None
 
 
 class AnomalyModel(nn.Module):

@@ -70,7 +70,8 @@ class SyntheticValidationSet(Dataset):
         self.paths = [normals[i]["path"] for i in range(len(normals))]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            anomalous, masks = PseudoAnomalySynthesizer(clean_prob=0.0)(images)
+            # the operations the stored curves were made with, so that they stay reproducible to the digit
+            anomalous, masks = PseudoAnomalySynthesizer(clean_prob=0.0, operations="validation")(images)
         self.images = torch.cat([images, anomalous])
         self.masks = torch.cat([torch.zeros_like(masks), masks]).to(torch.uint8)
         self.labels = [0] * len(images) + [int(m.any()) for m in masks]

@@ -187,6 +187,13 @@ def test_models_evaluate_end_to_end(tmp_path):
         assert all(np.isfinite(result[k]) for k in ("image_auroc", "pixel_auroc", "aupro"))
         own = "model-defined score (pred_score)" if name == "dmad" else "max of smoothed map"
         assert result["image_score"] == own
+        if name == "dmad":  # the repository's test-set protocol, measured beside (not instead of) ours
+            _, arrays = adcore.evaluate(model, test, results_dir=None, return_arrays=True)
+            assert arrays["score_terms"].shape == (12, 2)
+            assert result["code_protocol"] == dmad_mod.DMAD.code_protocol(arrays["labels"], arrays["score_terms"],
+                                                                          result["category"])
+        else:
+            assert "code_protocol" not in result
     assert len(list(tmp_path.glob("*.json"))) == 2
 
 
@@ -220,9 +227,47 @@ def test_dmad_vector_quantiser_snaps_to_codes_and_passes_gradients_straight_thro
     assert loss.item() > 0
 
 
-def test_dmad_smoothness_is_zero_for_constant_field_and_positive_for_noise():
-    assert dmad_mod.smoothness(torch.full((1, 2, 8, 8), 0.3)).item() < 1e-7
+def test_dmad_smoothness_is_the_codes_padded_two_channel_filter():
+    # Smooth_Loss: zero padding 1, one 3×3 kernel over both channels (summed before |·|). A constant c in both channels
+    # is 0 inside; an edge pixel misses 3 neighbours, 2c(1 − 5/8); a corner misses 5, 2c(1 − 3/8). On 8×8: 24 edge
+    # pixels and 4 corners, so the mean is 2c(24·3/8 + 4·5/8)/64 = 0.1078125 for c = 0.3.
+    assert dmad_mod.smoothness(torch.full((1, 2, 8, 8), 0.3)).item() == pytest.approx(0.1078125, rel=1e-6)
+    # opposite channels cancel before |·| (a per-channel loss would see 2 × 0.1078125 / 2 ≠ 0)
+    assert dmad_mod.smoothness(torch.tensor([0.3, -0.3]).view(1, 2, 1, 1).expand(1, 2, 8, 8)).item() < 1e-7
     assert dmad_mod.smoothness(torch.randn(1, 2, 8, 8)).item() > 0.1
+
+
+def test_dmad_offset_net_matches_the_codes_residual_block_and_sees_normalised_images():
+    net = dmad_mod.OffsetNet(width=4, stride=1)
+    block, bn = net.res
+    assert isinstance(bn, torch.nn.BatchNorm2d) and isinstance(block, dmad_mod.ResBlock)
+    kinds = [type(m).__name__ for m in block.body]
+    assert kinds == ["ReLU", "Conv2d", "BatchNorm2d", "ReLU", "Conv2d"]
+    assert block.body[1].kernel_size == (3, 3) and block.body[4].kernel_size == (1, 1)
+    with torch.no_grad():  # the shortcut is the identity: a zeroed last conv leaves x
+        block.body[4].weight.zero_(), block.body[4].bias.zero_()
+        x = torch.randn(2, 4, 8, 8)
+        torch.testing.assert_close(block(x), x)
+    torch.manual_seed(0)
+    model = adcore.create_model("dmad", **TINY).eval()
+    seen = []
+    model.offsets.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    x = torch.rand(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        model._forward(x)
+    mean = torch.tensor(adcore.backbones.IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(adcore.backbones.IMAGENET_STD).view(1, 3, 1, 1)
+    torch.testing.assert_close(seen[0], (x - mean) / std)
+
+
+def test_dmad_predict_returns_its_raw_terms():
+    torch.manual_seed(0)
+    model = adcore.create_model("dmad", **TINY).eval()
+    x = torch.rand(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        out = model.predict(x)
+        torch.testing.assert_close(out.score_terms, model._raw_scores(*model.maps(x)))
+    assert adcore.create_model("aand", **TINY).eval().predict(x).score_terms is None
 
 
 def test_dmad_image_score_uses_training_statistics_and_fixed_weight():
@@ -275,7 +320,11 @@ def test_dmad_image_and_pixel_models_have_the_repositorys_ocbe_inputs():
         adcore.create_model("dmad", **TINY, mode="px", vq=True)
     with pytest.raises(ValueError, match="mode"):
         adcore.create_model("dmad", **TINY, mode="both")
-    assert adcore.create_model("dmad", **TINY, vq=False).quantizer is None  # the sp ablation without VQ
+    # the sp ablation without VQ drops the 64-channel squeeze with it (BN_layer(vq=False)): the px model's OCBE
+    no_vq = adcore.create_model("dmad", mode="sp", vq=False, backbone="wide_resnet50_2", pretrained=False,
+                                offset_width=4)
+    assert no_vq.quantizer is None and no_vq.ocbe.blocks[0].body[0].in_channels == 3072
+    assert isinstance(no_vq.ocbe.level3, torch.nn.Identity)
 
 
 @pytest.mark.parametrize("mode", ["sp", "px"])
@@ -530,6 +579,26 @@ def test_foreground_blur_is_sigma_8_at_the_native_resolution():
     for native, sigma in [(256, 2.0), (None, 8.0), (64, 8.0)]:  # σ = 8 · 64 / native
         expected = torch.from_numpy(gaussian_filter(grey, sigma) > 127)
         assert torch.equal(pa.foreground_mask(images, "bright", 127, native_size=native)[0], expected), native
+
+
+def test_aand_synthesizer_has_the_codes_ten_operations_and_solarize_at_half():
+    rng = np.random.default_rng(0)
+    assert len(pa._operations(rng, "aand")) == 10  # datasets/database.py's augmenters list
+    assert len(pa._operations(rng, "validation")) == 11  # what the stored validation curves were drawn with
+    assert adcore.create_model("aand", **TINY).synthesizer.operations == "aand"
+    with pytest.raises(ValueError, match="operations"):
+        pa.PseudoAnomalySynthesizer(operations="draem")
+    white = torch.full((3, 4, 4), 255, dtype=torch.uint8)
+    solarize = pa._operations(rng, "aand")[4]  # iaa.Solarize(0.5, threshold=(32, 128)): half the images
+    changed = sum(not torch.equal(solarize(white), white) for _ in range(400))
+    assert 160 < changed < 240
+    # brightness × and + are one operation: the output is the product, then the sum, of one draw each
+    grey = torch.full((3, 2, 2), 100, dtype=torch.uint8)
+    one = pa._operations(np.random.default_rng(1), "aand")[1](grey)
+    draws = np.random.default_rng(1)
+    mul, add = draws.uniform(0.8, 1.2), int(draws.integers(-30, 31))
+    import torchvision.transforms.v2.functional as TF
+    assert torch.equal(one.int(), TF.adjust_brightness(grey, float(mul)).int() + add) and add != 0
 
 
 def test_aand_rejects_bad_parameters():

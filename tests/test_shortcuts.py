@@ -16,26 +16,53 @@ def curve(*points):
             for e, (i, p) in enumerate(points, start=1)]
 
 
-def test_dmad_takes_the_better_score_and_the_best_evaluation():
-    r = result("dmad", test_curve=curve((0.7, 0.9), (0.95, 0.9), (0.8, 0.9)))
+def code(value):
+    return {"code_protocol": {"image_auroc_code": value, "image_auroc_code_combined": value, "code_weight": 0.05}}
+
+
+def test_dmad_rows_measure_the_codes_protocol_at_the_last_and_the_best_evaluation():
+    c = curve((0.7, 0.9), (0.95, 0.9), (0.8, 0.9))
+    for point, value in zip(c, (0.75, 0.97, 0.86)):
+        point.update(code(value))
+    r = result("dmad", test_curve=c, **code(0.86))
     rows = shortcuts.dmad_rows([r, result("knn")])
-    assert [(x["honest"], x["shortcut_value"]) for x in rows] == [(0.80, 0.85), (0.80, 0.95)]
-    # no gain when the combined score is already the better one
-    assert shortcuts.dmad_rows([result("dmad", image_auroc_map_max=0.5)])[0]["shortcut_value"] == 0.80
+    assert [(x["honest"], x["shortcut_value"], x["epoch"]) for x in rows] == [(0.80, 0.86, None), (0.80, 0.97, 2)]
+    # a result measured before code_protocol existed gives no row (no guess from the training-set min-max score)
+    assert shortcuts.dmad_rows([result("dmad")]) == []
+    assert not hasattr(shortcuts, "DMAD_EVAL_SHARE") and not hasattr(shortcuts, "AAND_EVAL_SHARE")  # dead, gone
 
 
-def test_aand_best_epoch_and_early_stop():
+def test_dmad_code_protocol_normalises_on_the_test_set_and_takes_the_better_of_two():
+    import numpy as np
+
+    from adcore.models import dmad
+
+    labels = np.array([0, 0, 0, 1, 1, 1])
+    # the map alone ranks one anomaly below a good image; the deformation term, scaled to [0, 1] on this set, fixes it
+    terms = np.array([[1.0, 0.0], [2.0, 0.1], [3.0, 0.0], [2.5, 10.0], [4.0, 5.0], [5.0, 6.0]])
+    out = dmad.code_protocol_auroc(labels, terms, weight=0.2)
+    assert out["map"] == pytest.approx(8 / 9)
+    # normalised: map (0, .25, .5, .375, .75, 1) + 0.2 · deformation (0, .002, 0, .2, .1, .12): 2.5 → .575 > .5
+    assert out["combined"] == pytest.approx(1.0) and out["reported"] == pytest.approx(1.0)
+    assert dmad.DMAD.code_protocol(labels, terms, "carpet")["code_weight"] == 0.2
+    assert dmad.DMAD.code_protocol(labels, terms, "brick")["code_weight"] == 0.05
+    # with w = 0.05: .375 + .01 = .385 < .5, so the combined score keeps the error and the map alone is reported
+    low = dmad.code_protocol_auroc(labels, terms, weight=0.05)
+    assert low["combined"] == pytest.approx(8 / 9) and low["reported"] == pytest.approx(8 / 9)
+
+
+def test_aand_keeps_the_best_sum_epoch_up_to_its_early_stop():
     r = result("aand", image_auroc=0.90, pixel_auroc=0.91,
-               test_curve=curve((0.95, 0.80), (0.9995, 0.90), (0.97, 0.95), (0.90, 0.91)))
+               test_curve=curve((0.95, 0.99), (0.9995, 0.90), (0.97, 0.99), (0.90, 0.91)))
     rows = shortcuts.aand_rows([r])
-    best = {x["metric"]: x["shortcut_value"] for x in rows if x["shortcut"].startswith("epoch with")}
-    assert best == {"image AUROC": 0.97, "pixel AUROC": 0.95}  # epoch 3: I + P = 1.92, the largest sum
-    stop = [x for x in rows if x["shortcut"].startswith("stop once")]
-    assert len(stop) == 1 and stop[0]["shortcut_value"] == 0.9995 and "epoch 2" in stop[0]["shortcut"]
+    # stops after epoch 2 (I > 0.999); of epochs 1-2 the best I + P is epoch 1 (1.94 > 1.8995), not the stop epoch
+    assert {x["metric"]: (x["shortcut_value"], x["epoch"]) for x in rows} == \
+        {"image AUROC": (0.95, 1), "pixel AUROC": (0.99, 1)}
     assert all(x["honest"] == (0.90 if x["metric"] == "image AUROC" else 0.91) for x in rows)
-    # never past 0.999: no early-stop row
-    assert not [x for x in shortcuts.aand_rows([result("aand", test_curve=curve((0.9, 0.9)))])
-                if x["shortcut"].startswith("stop once")]
+    # never past 0.999: every measured epoch is a candidate (epoch 3: I + P = 1.96)
+    never = shortcuts.aand_rows([result("aand", test_curve=curve((0.95, 0.99), (0.9, 0.9), (0.97, 0.99)))])
+    assert {x["metric"]: (x["shortcut_value"], x["epoch"]) for x in never} == \
+        {"image AUROC": (0.97, 3), "pixel AUROC": (0.99, 3)}
 
 
 def test_vtadl_pro_and_f1_rows():

@@ -1,34 +1,37 @@
 """What each paper's evaluation shortcuts are worth: the honest number beside the one its own protocol would report.
 
 Every function reads results dicts (``evaluate``'s JSON, with ``test_curve`` where ``run_experiment`` measured one)
-and returns rows ``{paper, shortcut, category, honest, shortcut_value}``. The shortcuts, from each paper's code
+and returns rows ``{paper, shortcut, category, honest, shortcut_value, epoch}``. The shortcuts, from each paper's code
 (``methods.md`` in the project's reference notes):
 
-* DMAD (``test.py: evaluation``) returns the better of two image scores on the test set,
-  ``max(AUROC(map + w·deformation), AUROC(map))``, and its training loop evaluates on the test set every 10 of its
-  400 epochs, so the reported number can be the best of those evaluations.
-* AAND (``train.py``) keeps the Stage-II epoch with the best test I-AUROC + P-AUROC, and stops as soon as the test
-  I-AUROC passes 0.999.
+* DMAD (``test.py: evaluation``, ``Train_mvtec.py``) min-max normalises the map and deformation maxima over the
+  *test set*, weights the deformation term per class (0.2 for screw, carpet and metal_nut, 0.05 for the others), and
+  returns the better of two test AUROCs, ``max(AUROC(map' + w·deformation'), AUROC(map))``. Its training loop runs
+  that evaluation every 10 of its 400 epochs, so the number it reports can be the best of those evaluations. The
+  rows measure exactly that (``DMAD.code_protocol``, stored per result and per curve point as ``code_protocol``):
+  the full protocol at the last epoch, then the best of it over the measured epochs.
+* AAND (``train.py``, Stage II) evaluates on the test set every 5 epochs, keeps the epoch with the best test
+  I-AUROC + P-AUROC, and stops training once the test I-AUROC passes 0.999. What it reports is the kept epoch, not
+  the one it stopped at: the rows take the best I + P epoch among those up to the stop.
 * VT-ADL (``test.py``) reports a pixel ROC-AUC under the name "PRO", and its image score adds SSIM where it meant
   1 − SSIM (the VT-ADL notebook scores its trained models both ways, as ``<run>-score-code`` and
   ``<run>-score-paper`` results).
 * Everyone who prints an F1 (anomalib's ``F1Max``, AAND's best-F1 threshold) picks the threshold on the test set.
 
 The honest number is always the fixed last epoch with the project's one protocol. The test curves behind the
-epoch shortcuts were *measured* after each epoch; nothing in this project is chosen from them.
+epoch shortcuts were *measured* after each epoch; nothing in this project is chosen from them. At the book's short
+budgets every measured epoch is a candidate (the papers' intervals, 10 of 400 and 5 of 120 epochs, are less than
+one epoch there), so the epoch gains are the most those intervals could buy.
 """
 from __future__ import annotations
 
-# Epochs between the papers' test evaluations, in their own schedules: DMAD every 10 of 400, AAND every 5 of 120.
-# At a shorter budget the same share of the schedule is less than one epoch, so every measured epoch is a candidate.
-DMAD_EVAL_SHARE = 10 / 400
-AAND_EVAL_SHARE = 5 / 120
 AAND_EARLY_STOP = 0.999
 
 
-def _row(paper, shortcut, result, honest, value, metric) -> dict:
+def _row(paper, shortcut, result, honest, value, metric, epoch=None) -> dict:
+    """One row; ``epoch`` is the epoch the shortcut picked (None: the last, the honest run's own)."""
     return {"paper": paper, "shortcut": shortcut, "metric": metric, "method": result.get("run_name", result["model"]),
-            "category": result["category"], "honest": honest, "shortcut_value": value}
+            "category": result["category"], "honest": honest, "shortcut_value": value, "epoch": epoch}
 
 
 def f1_threshold_rows(results) -> list[dict]:
@@ -39,37 +42,40 @@ def f1_threshold_rows(results) -> list[dict]:
 
 
 def dmad_rows(results) -> list[dict]:
-    """DMAD: the better of its two image scores, and the best of its test evaluations."""
+    """DMAD: its code's image protocol (test-set min-max, class weight, better of two) at the last epoch, and the
+    same protocol at the best of its test evaluations. Results without ``code_protocol`` give no row."""
     rows = []
     for r in results:
-        if r["model"] != "dmad":
+        if r["model"] != "dmad" or "code_protocol" not in r:
             continue
-        both = [v for v in (r["image_auroc"], r.get("image_auroc_map_max")) if v is not None]
-        rows.append(_row("DMAD", "better of two image scores, chosen on the test set", r, r["image_auroc"],
-                         max(both), "image AUROC"))
-        curve = r.get("test_curve") or []
+        last = r["code_protocol"]["image_auroc_code"]
+        rows.append(_row("DMAD", "test-set min-max, class weight, better of two scores", r, r["image_auroc"], last,
+                         "image AUROC"))
+        curve = [c for c in r.get("test_curve") or [] if "code_protocol" in c]
         if curve:
-            best = max([c["image_auroc"] for c in curve] + [r["image_auroc"]])
-            rows.append(_row("DMAD", "best of its test evaluations during training", r, r["image_auroc"], best,
-                             "image AUROC"))
+            best = max(curve, key=lambda c: c["code_protocol"]["image_auroc_code"])  # first of equals
+            value, epoch = best["code_protocol"]["image_auroc_code"], best["epoch"]
+            if last > value:  # the last epoch is an evaluation too
+                value, epoch = last, None
+            rows.append(_row("DMAD", "the same, at the best of its test evaluations", r, r["image_auroc"], value,
+                             "image AUROC", epoch))
     return rows
 
 
 def aand_rows(results, early_stop: float = AAND_EARLY_STOP) -> list[dict]:
-    """AAND: the Stage-II epoch with the best test I+P AUROC, and early stop on the test I-AUROC."""
+    """AAND: the Stage-II epoch with the best test I+P AUROC among the epochs up to its early stop (the first with a
+    test I-AUROC above ``early_stop``; none: every measured epoch), for image and pixel AUROC."""
     rows = []
     for r in results:
         curve = r.get("test_curve") or []
         if r["model"] != "aand" or not curve:
             continue
-        best = max(curve, key=lambda c: c["image_auroc"] + (c["pixel_auroc"] or 0.0))
+        stop = next((i for i, c in enumerate(curve) if c["image_auroc"] > early_stop), len(curve) - 1)
+        best = max(curve[:stop + 1], key=lambda c: c["image_auroc"] + (c["pixel_auroc"] or 0.0))  # first of equals
         for metric in ("image_auroc", "pixel_auroc"):
             label = "image AUROC" if metric == "image_auroc" else "pixel AUROC"
-            rows.append(_row("AAND", "epoch with the best test I-AUROC + P-AUROC", r, r[metric], best[metric], label))
-        stopped = next((c for c in curve if c["image_auroc"] > early_stop), None)
-        if stopped is not None:
-            rows.append(_row("AAND", f"stop once the test I-AUROC passes {early_stop} (epoch {stopped['epoch']})", r,
-                             r["image_auroc"], stopped["image_auroc"], "image AUROC"))
+            rows.append(_row("AAND", f"best test I-AUROC + P-AUROC epoch, stopping once the test I-AUROC passes "
+                                     f"{early_stop}", r, r[metric], best[metric], label, best["epoch"]))
     return rows
 
 
@@ -120,8 +126,6 @@ def shortcut_table(results, variants=()):
                                      "shortcut_value", "gain"])
     df = pd.DataFrame(rows)
     keys = ["paper", "shortcut", "method", "metric"]
-    # the early-stop label names its epoch, which differs per category: group on the shortcut's kind
-    df["shortcut"] = df["shortcut"].str.replace(r" \(epoch \d+\)$", "", regex=True)
     out = (df.groupby(keys, sort=False)
            .agg(categories=("category", "nunique"), honest=("honest", "mean"),
                 shortcut_value=("shortcut_value", "mean"))

@@ -22,14 +22,25 @@ Faithfulness notes:
   (64 + 64 + 64 + 1024 = 1216 input channels); ``mode="px"``, the pixel-level model, has no VQ and RD4AD's own OCBE
   over 3 × 1024 channels. Both share the deformation module, the decoder and the losses. The paper's image AUROC
   belongs to the sp model, its pixel AUROC to the px model. The CPU default trains the sp model only and reads both
-  results from it.
-- Cycle loss. The repository's OffsetNet receives ImageNet-normalised images, so γ·MSE is measured in normalised
-  units (1/std² ≈ 20× larger than on [0, 1] images); it is computed on normalised images here too.
+  results from it. ``vq=False`` (the ablation without the ICM) drops the 64-channel squeeze with the VQ, as the
+  repository's ``BN_layer(vq=False)`` does: the sp model without VQ *is* the px model.
+- The deformation network as ``resnet.py``'s ``OffsetNet``: it sees ImageNet-normalised images (the repository's data
+  transform normalises before it), and its residual block is ``x + conv1×1(ReLU(BN(conv3×3(ReLU(x)))))`` followed by
+  a BatchNorm, concatenated before the trunk's output. The shortcut itself is the identity; the 1×1 convolution and
+  the BatchNorm are on the residual path. The smoothness loss is ``Smooth_Loss``: the 3×3 kernel over *both*
+  channels of a field at once (one output channel, the two filtered channels summed before |·|), zero-padded to the
+  field's size.
+- Cycle loss. Because the OffsetNet receives ImageNet-normalised images, γ·MSE is measured in normalised units
+  (1/std² ≈ 20× larger than on [0, 1] images); it is computed on normalised images here too. Warping commutes with
+  the per-channel normalisation (bilinear weights sum to one), so the [0, 1] images can be warped and fed to the
+  teacher, which normalises them itself.
 - Image score. The repository returns max(AUROC with, AUROC without the deformation term) on the *test set*, with
   per-class weights (0.2 for screw/carpet/metal_nut, else 0.05) and min-max normalisation over the test set. Here
   one weight is fixed a priori, ``deformation_weight = 0.05`` (the repository's default class), and both terms are
   min-max normalised with statistics of the *training* images, gathered after training (``on_fit_end``, stored as
   buffers); nothing looks at test data. Both terms are the max of the map after the shared Gaussian (σ = 4 px).
+  ``predict`` also returns the two raw terms (``score_terms``), so that :meth:`DMAD.code_protocol` can measure the
+  repository's own protocol on the test set (for the shortcuts chapter, never as our result).
 - Pixel map. The repository's pixel score is the same sum per pixel, min-max normalised over all test pixels, again
   the better of with and without. ``deformation_in_map=True`` offers it, with per-pixel min-max statistics of the
   training images; the default (False) keeps the reconstruction map alone, the shared protocol's map.
@@ -38,17 +49,22 @@ Faithfulness notes:
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adcore.backbones import IMAGENET_STD
+from adcore.backbones import IMAGENET_MEAN, IMAGENET_STD
+from adcore.metrics import image_auroc
 from adcore.models.rd import ReverseDistillation, anomaly_map, rd_loss
 from adcore.recipes import Recipe
 from adcore.registry import register_model
 from adcore.types import AnomalyOutput
 
-__all__ = ["DMAD", "OffsetNet", "VectorQuantizer", "cycle_loss", "gaussian_blur"]
+__all__ = ["DMAD", "OffsetNet", "VectorQuantizer", "code_protocol_auroc", "cycle_loss", "gaussian_blur"]
+
+# resnet.py / Train_mvtec.py: the classes whose deformation term gets weight 0.2 in test.py (``ifgeom``); 0.05 else.
+CODE_GEOMETRIC_CLASSES = ("screw", "carpet", "metal_nut")
 
 
 def add_coords(x: torch.Tensor, cell: int = 4) -> torch.Tensor:
@@ -81,11 +97,24 @@ def _offset_head(cin: int, width: int, num_down: int) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+class ResBlock(nn.Module):
+    """``resnet.py``'s OffsetNet ResBlock with ``bn=True``: x + conv1×1(ReLU(BN(conv3×3(ReLU(x))))), biased convs."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.body = nn.Sequential(nn.ReLU(), nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
+                                  nn.Conv2d(width, width, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
 class OffsetNet(nn.Module):
     """DMAD's ψ: forward offsets O1 (coarse, S/8) and O2 (fine, S/2) and their inverses O1ᵀ, O2ᵀ.
 
-    Trunk: two CoordConv-BN-ReLU, then a residual block whose output is concatenated with the trunk (2·width
-    channels); four heads of the same shape give the fields. Each field is tanh-bounded, scaled to at most
+    Input: ImageNet-normalised images, as the repository's. Trunk: two CoordConv-BN-ReLU, then a residual block and a
+    BatchNorm, whose output is concatenated before the trunk's (2·width channels); four heads of the same shape
+    give the fields. Each field is tanh-bounded, scaled to at most
     ``max_offset`` of the image side (in grid_sample's [−1, 1] units that is 2·max_offset) and upsampled to S.
     ``stride=2`` runs the trunk on the image average-pooled ×2 (4× cheaper; DMAD: 1); the fields keep their
     resolutions (S/8 and S/2).
@@ -98,18 +127,17 @@ class OffsetNet(nn.Module):
             raise ValueError(f"offset stride must be 1 or 2, got {stride!r}")
         self.stride = stride
         self.trunk = nn.Sequential(CoordConvBNReLU(3, width), CoordConvBNReLU(width, width))
-        self.res = nn.Sequential(nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width),
-                                 nn.ReLU(inplace=True), nn.Conv2d(width, width, 3, padding=1, bias=False),
-                                 nn.BatchNorm2d(width))
+        self.res = nn.Sequential(ResBlock(width), nn.BatchNorm2d(width))
         down = stride // 2  # the trunk already sits at S/stride
         self.coarse, self.coarse_inv = (_offset_head(2 * width, width, 3 - down) for _ in range(2))
         self.fine, self.fine_inv = (_offset_head(2 * width, width, 1 - down) for _ in range(2))
         self.scales = (2 * max_offset_coarse, 2 * max_offset_fine)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """(B, 3, S, S) → dict of four (B, 2, S, S) offset fields in grid units: o1, o2, o1_inv, o2_inv."""
+        """(B, 3, S, S) normalised images → dict of four (B, 2, S, S) offset fields in grid units: o1, o2, o1_inv,
+        o2_inv."""
         t = self.trunk(F.avg_pool2d(x, self.stride) if self.stride > 1 else x)
-        feat = torch.cat([t, F.relu(self.res(t) + t)], dim=1)
+        feat = torch.cat([self.res(t), t], dim=1)
         size = x.shape[-2:]
         up = lambda o, s: F.interpolate(o * s, size=size, mode="bilinear", align_corners=True)  # noqa: E731
         c, f = self.scales
@@ -132,10 +160,12 @@ def field_norm(offset: torch.Tensor) -> torch.Tensor:
 
 
 def smoothness(offset: torch.Tensor) -> torch.Tensor:
-    """DMAD's Smooth_Loss: mean |offset ∗ k| with the 3×3 kernel k = centre 1, the eight neighbours −1/8."""
+    """DMAD's Smooth_Loss on a (B, 2, S, S) field: mean |Σ_c pad₀(offset_c) ∗ k| with the 3×3 kernel k = centre 1,
+    the eight neighbours −1/8, one kernel over both channels (summed before |·|) and zero padding of 1, so the
+    border pulls the field towards zero as well."""
     k = torch.full((3, 3), -1 / 8, device=offset.device, dtype=offset.dtype)
     k[1, 1] = 1
-    return F.conv2d(offset, k.expand(2, 1, 3, 3), groups=2).abs().mean()
+    return F.conv2d(F.pad(offset, (1, 1, 1, 1)), k.expand(1, offset.shape[1], 3, 3)).abs().mean()
 
 
 def cycle_loss(back: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
@@ -167,6 +197,30 @@ class VectorQuantizer(nn.Module):
         return z + (q - z).detach(), loss
 
 
+def code_protocol_auroc(labels, terms, weight: float) -> dict[str, float]:
+    """DMAD's ``test.py: evaluation`` (mode "sp") on one test set: both terms min-max normalised over *the test set*,
+    combined as map + weight · deformation, and the better of that AUROC and the map's alone.
+
+    Args:
+        labels: (N,) 0 good, 1 anomalous.
+        terms: (N, 2) raw per-image maxima of the smoothed map and deformation map (``DMAD.predict``'s score_terms).
+        weight: the deformation weight (the repository's: :func:`code_weight`).
+
+    Returns ``{"combined": AUROC(map' + w·deformation'), "map": AUROC(map), "reported": the max of the two}``;
+    the repository rounds each to 3 decimals before the max, which is left out so the gain is not a rounding effect.
+    """
+    terms = np.asarray(terms, dtype=np.float64)
+    norm = (terms - terms.min(0)) / (terms.max(0) - terms.min(0) + 1e-8)  # test.py's minmax, its 1e-8 too
+    combined = image_auroc(labels, norm[:, 0] + weight * norm[:, 1])
+    alone = image_auroc(labels, terms[:, 0])
+    return {"combined": combined, "map": alone, "reported": max(combined, alone)}
+
+
+def code_weight(category: str) -> float:
+    """The repository's per-class deformation weight: 0.2 for screw, carpet and metal_nut, 0.05 for every other."""
+    return 0.2 if category in CODE_GEOMETRIC_CLASSES else 0.05
+
+
 def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     """(B, H, W) → (B, H, W) separable Gaussian blur, truncated at 4σ with edge replication (≈ scipy's filter)."""
     radius = int(4 * sigma + 0.5)
@@ -190,7 +244,7 @@ class DMAD(ReverseDistillation):
             before the bottleneck), or ``"px"``, its pixel-level model (no VQ, RD4AD's OCBE).
         deform: use the pyramid deformation module (False: the ablation without it).
         vq: vector quantisation on the deepest level; None: the mode's (sp: on, px: off); False in sp mode is the
-            ablation without it.
+            ablation without it, which (as in the repository) also drops the ``ocbe_width`` squeeze: the px model.
         num_codes: VQ codebook size K (DMAD: 200).
         offset_width: channels of the offset network (DMAD: 64).
         offset_stride: 2 runs the offset network's trunk at half resolution (DMAD: 1).
@@ -205,7 +259,7 @@ class DMAD(ReverseDistillation):
             a float in (0, 1] is a fraction of the training's ``num_epochs`` (``fit`` sets ``planned_epochs``), so
             the period follows an epoch override: the paper recipe's 1.0 is DMAD's T_max = 400 of 400 epochs, and
             50 epochs anneal over 50. None keeps the lr constant.
-        ocbe_width: sp mode's per-level squeeze width (DMAD: 64); px mode uses RD4AD's OCBE and ignores it.
+        ocbe_width: the VQ model's per-level squeeze width (DMAD: 64); without VQ the OCBE is RD4AD's and ignores it.
         **rd_params: the reverse-distillation core's parameters (:class:`ReverseDistillation`).
     """
 
@@ -256,7 +310,7 @@ class DMAD(ReverseDistillation):
         vq = (mode == "sp") if vq is None else bool(vq)
         if mode == "px" and vq:
             raise ValueError("mode='px' is DMAD's pixel-level model, which has no VQ; use mode='sp' for VQ")
-        super().__init__(ocbe_width=ocbe_width if mode == "sp" else None, extra_level3=vq, **rd_params)
+        super().__init__(ocbe_width=ocbe_width if vq else None, extra_level3=vq, **rd_params)
         c3 = self.channels[-1]
         self.mode, self.deform, self.use_vq = mode, bool(deform), vq
         self.offsets = OffsetNet(offset_width, max_offset_coarse, max_offset_fine, offset_stride) if deform else None
@@ -297,7 +351,9 @@ class DMAD(ReverseDistillation):
         """Deform, encode, quantise, reconstruct; everything the loss and the scores need."""
         out = {"x": images}
         if self.offsets is not None:
-            out.update(self.offsets(images))
+            mean = images.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+            std = images.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
+            out.update(self.offsets((images - mean) / std))
             images = warp(warp(images, out["o1"]), out["o2"])
         out["x_def"] = images
         teacher = self.encode(images)
@@ -349,7 +405,16 @@ class DMAD(ReverseDistillation):
             scale = (self.pixel_max - self.pixel_min).clamp_min(1e-8)
             amap = ((amap - self.pixel_min[0]) / scale[0]
                     + self.deformation_weight * (deformation - self.pixel_min[1]) / scale[1])
-        return AnomalyOutput(pred_score=score, anomaly_map=amap)
+        return AnomalyOutput(pred_score=score, anomaly_map=amap, score_terms=raw)
+
+    @staticmethod
+    def code_protocol(labels, terms, category: str) -> dict:
+        """The repository's image-level test protocol on this test set (a measurement of its shortcut, read by
+        ``adcore.book.shortcuts``): :func:`code_protocol_auroc` with the repository's weight for ``category``."""
+        weight = code_weight(category)
+        out = code_protocol_auroc(labels, terms, weight)
+        return {"image_auroc_code_combined": out["combined"], "image_auroc_code": out["reported"],
+                "code_weight": weight}
 
     @torch.no_grad()
     def on_fit_end(self, train_loader) -> None:

@@ -6,19 +6,28 @@ code (amazon-science/patchcore-inspection, ``src/patchcore/patchcore.py``), with
 training: a memory bank of normal patch features.
 
 1. Features: the backbone's mid-level taps at strides 8 and 16 (wide_resnet50_2 layer2 + layer3; for
-   efficientnet_lite0 the analogue is timm ``blocks.2`` + ``blocks.4``, 40 + 112 channels). Each tap is averaged over
-   its 3×3 neighbourhood at its own resolution with the zero padding counted (the reference code unfolds 3×3 patches
-   with zero padding and averages them), then the stride-16 map is resized bilinearly (``align_corners=False``, as
-   the reference code and anomalib do) to the stride-8 grid and the two are concatenated. The reference code further
-   averages each layer's flattened C×3×3 patch down to 1024 numbers and the concatenation to 1024; with
-   efficientnet_lite0's 152 channels there is nothing to reduce, so that step is left out.
-2. Memory bank: every patch of every training image. Once the bank exceeds ``coreset_min_patches`` (10,000 patches,
-   about 40 images at 128 px) it is reduced by greedy k-centre coreset selection to ``coreset_ratio`` (10 %) of its
-   patches, with distances measured after a seeded Gaussian random projection to 128 dimensions, as the paper does.
-   Below that size the exact search over the full bank is cheap and subsampling would only lose normal patches.
+   efficientnet_lite0 the analogue is timm ``blocks.2`` + ``blocks.4``, 40 + 112 channels). PatchCore's reason for
+   the middle of the hierarchy: the lowest levels are too generic and the deepest too biased towards ImageNet
+   classification. Each tap is averaged over its 3×3 neighbourhood at its own resolution with the zero padding
+   counted (the reference code unfolds 3×3 patches with zero padding and averages them); the paper's reason is a
+   larger receptive field and robustness to small spatial deviations *without* losing spatial resolution. Then the
+   stride-16 map is resized bilinearly (``align_corners=False``, as the reference code does; anomalib's Patchcore
+   resizes with nearest) to the stride-8 grid and the two are concatenated. The reference code further averages each
+   layer's flattened C×3×3 patch down to 1024 numbers and the concatenation to 1024; with efficientnet_lite0's 152
+   channels there is nothing to reduce, so that step is left out.
+2. Memory bank: every patch of every training image, reduced by greedy k-centre coreset selection to
+   ``coreset_ratio`` (10 %, the released setting) of its patches. PatchCore's reason: the full bank makes the
+   nearest-neighbour search, and so inference, slow, and a coreset keeps the coverage of the normal feature space at
+   a fraction of the size. Distances are measured after a seeded Gaussian random projection to 128 dimensions
+   (Johnson-Lindenstrauss), which PatchCore uses to make the selection itself fast. One choice of ours, not
+   PatchCore's: a bank of at most ``coreset_min_patches`` (10,000 patches, about 40 images at 128 px) is kept whole,
+   because there the exact search is already cheap and subsampling would only lose normal patches.
 3. Anomaly map: each test patch's Euclidean distance to its exact nearest bank entry (mean over ``num_neighbors``,
-   default 1), on the stride-8 grid. Image score (``own_image_score``): the max patch distance, as the reference code
-   scores (``PatchMaker.score``; its released runs use one neighbour, so the paper's re-weighting does not apply).
+   default 1, the released setting), on the stride-8 grid. Image score (``own_image_score``): the max patch distance,
+   as the reference code scores (``PatchMaker.score``). The paper re-weights that max by how isolated its nearest
+   bank entry is among its own b nearest bank neighbours (a rare normal patch raises the score); the reference code
+   does not implement that step, and anomalib's version of it reduces to the plain max at one neighbour, so it is
+   left out here too.
 
 Changed from the earlier default, said plainly: the book's ``knn`` used stride 8 alone, a choice made after looking
 at ``textures`` test numbers, and averaged with ``count_include_pad=False``, which made border patches of *good*

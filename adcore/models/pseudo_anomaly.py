@@ -4,9 +4,10 @@ Follows AAND's ``datasets/database.py`` (itself DRAEM's recipe, Zavrtanik et al.
 
 - mask: Perlin noise with 2^U{0..5} lattice cells per axis, rotated by U(−90°, 90°), thresholded at 0.5, ANDed with
   the image's foreground mask (redrawn up to 10 times when empty);
-- source: a random crop of a foreign image, resized to the image size, changed by 3 of 10 random colour and
-  geometry operations (gamma, brightness ×, brightness +, sharpness, hue/saturation, solarize, posterize, invert,
-  autocontrast, equalize, rotate);
+- source: a random crop of a foreign image, resized to the image size, changed by 3 of AAND's 10 imgaug operations,
+  drawn without replacement: GammaContrast, MultiplyAndAddToBrightness (× and + as one operation), EnhanceSharpness,
+  AddToHueAndSaturation, Solarize (itself applied with probability 0.5, ``iaa.Solarize(0.5, ...)``), Posterize,
+  Invert, Autocontrast, Equalize, Affine rotate;
 - blend: ``x·(1 − M) + (1 − β)·src·M + β·x·M`` with β ~ U(0, 0.8); a fraction (20 %) of images stays clean.
 
 What differs from the test defects (``adcore.data.defects``), so that no method trains on what it is tested on:
@@ -144,21 +145,40 @@ def _procedural(kind: str, size: int, rng: np.random.Generator) -> torch.Tensor:
     return torch.from_numpy((img * 255).round().astype(np.uint8))
 
 
-def _augment(src: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
-    """Three of AAND's ten imgaug operations, chosen at random, on a (3, S, S) uint8 tensor."""
-    ops = [
-        lambda x: TF.adjust_gamma(x, float(rng.uniform(0.5, 2.0))),
-        lambda x: TF.adjust_brightness(x, float(rng.uniform(0.8, 1.2))),
-        lambda x: (x.int() + int(rng.integers(-30, 31))).clamp(0, 255).to(torch.uint8),
-        lambda x: TF.adjust_sharpness(x, float(rng.uniform(0.0, 2.0))),
-        lambda x: TF.adjust_saturation(TF.adjust_hue(x, float(rng.uniform(-0.14, 0.14))), float(rng.uniform(0.5, 1.5))),
-        lambda x: TF.solarize(x, int(rng.integers(32, 128))),
-        lambda x: TF.posterize(x, int(rng.integers(4, 8))),
-        TF.invert,
-        TF.autocontrast,
-        TF.equalize,
-        lambda x: TF.rotate(x, float(rng.uniform(-45, 45))),
-    ]
+def _add(x: torch.Tensor, value: int) -> torch.Tensor:
+    return (x.int() + value).clamp(0, 255).to(torch.uint8)
+
+
+def _operations(rng: np.random.Generator, kind: str) -> list:
+    """The colour and geometry operations on a (3, S, S) uint8 tensor, each drawing its own magnitudes from ``rng``.
+
+    ``"aand"``: AAND's ten (``datasets/database.py``). ``"validation"``: the eleven the held-out validation sets
+    (:mod:`adcore.validation`) were drawn with when their stored curves were made (brightness × and + apart, solarize
+    always); kept so that those curves stay reproducible to the digit.
+    """
+    gamma = lambda x: TF.adjust_gamma(x, float(rng.uniform(0.5, 2.0)))  # noqa: E731
+    sharpness = lambda x: TF.adjust_sharpness(x, float(rng.uniform(0.0, 2.0)))  # noqa: E731
+    hue_sat = lambda x: TF.adjust_saturation(TF.adjust_hue(x, float(rng.uniform(-0.14, 0.14))),  # noqa: E731
+                                             float(rng.uniform(0.5, 1.5)))
+    posterize = lambda x: TF.posterize(x, int(rng.integers(4, 8)))  # noqa: E731
+    rotate = lambda x: TF.rotate(x, float(rng.uniform(-45, 45)))  # noqa: E731
+    if kind == "validation":
+        return [gamma, lambda x: TF.adjust_brightness(x, float(rng.uniform(0.8, 1.2))),
+                lambda x: _add(x, int(rng.integers(-30, 31))), sharpness, hue_sat,
+                lambda x: TF.solarize(x, int(rng.integers(32, 128))), posterize, TF.invert, TF.autocontrast,
+                TF.equalize, rotate]
+    if kind != "aand":
+        raise ValueError(f"operations must be 'aand' or 'validation', got {kind!r}")
+    return [gamma,
+            lambda x: _add(TF.adjust_brightness(x, float(rng.uniform(0.8, 1.2))), int(rng.integers(-30, 31))),
+            sharpness, hue_sat,
+            lambda x: TF.solarize(x, int(rng.integers(32, 128))) if rng.random() < 0.5 else x,
+            posterize, TF.invert, TF.autocontrast, TF.equalize, rotate]
+
+
+def _augment(src: torch.Tensor, rng: np.random.Generator, kind: str = "aand") -> torch.Tensor:
+    """Three of the ``kind`` operations (:func:`_operations`), drawn without replacement, on a (3, S, S) uint8 tensor."""
+    ops = _operations(rng, kind)
     for i in rng.choice(len(ops), size=3, replace=False):
         src = ops[i](src)
     return src
@@ -173,17 +193,21 @@ class PseudoAnomalySynthesizer:
         threshold: Perlin-noise threshold (AAND/DRAEM: 0.5).
         procedural_prob: chance a source is a procedural texture instead of a photograph.
         max_tries: redraws of a mask that misses the foreground before the image is left clean (AAND: 10).
+        operations: ``"aand"``, AAND's ten colour and geometry operations, or ``"validation"``, the eleven that the
+            stored validation curves' held-out sets were drawn with (:func:`_operations`).
 
     Random draws use torch's global generator (one seed per call), so ``adcore.fit``'s seeding and resume cover them.
     """
 
     def __init__(self, clean_prob: float = 0.2, beta_max: float = 0.8, threshold: float = 0.5,
-                 procedural_prob: float = 0.3, max_tries: int = 10):
+                 procedural_prob: float = 0.3, max_tries: int = 10, operations: str = "aand"):
         for name, value in [("clean_prob", clean_prob), ("beta_max", beta_max), ("procedural_prob", procedural_prob)]:
             if not 0 <= value <= 1:
                 raise ValueError(f"{name} must be in [0, 1], got {value!r}")
         self.clean_prob, self.beta_max, self.threshold = clean_prob, beta_max, threshold
         self.procedural_prob, self.max_tries = procedural_prob, max_tries
+        _operations(np.random.default_rng(0), operations)  # raises on an unknown kind
+        self.operations = operations
 
     def source(self, size: int, rng: np.random.Generator) -> torch.Tensor:
         """One augmented foreign texture: (3, S, S) float in [0, 1]."""
@@ -195,7 +219,7 @@ class PseudoAnomalySynthesizer:
             side = int(rng.integers(min(h, w) // 4, min(h, w) + 1))
             top, left = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
             src = TF.resize(photo[:, top:top + side, left:left + side], [size, size], antialias=True)
-        return _augment(src, rng).float() / 255
+        return _augment(src, rng, self.operations).float() / 255
 
     def __call__(self, images: torch.Tensor, foreground: torch.Tensor | None = None):
         """Pseudo-anomalous copies of ``images``.

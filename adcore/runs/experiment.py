@@ -55,7 +55,8 @@ def _test_curve_hook(model, train, test, every: int, ckpt, resume: bool, **kw):
         if stage != last_stage or epoch % every or any(c["epoch"] == epoch for c in curve):
             return
         r = evaluate(finished_copy(m, train, kw["batch_size"]), test, write=False, **kw)
-        curve.append({"stage": stage, "epoch": epoch, **{k: r[k] for k in CURVE_METRICS}})
+        curve.append({"stage": stage, "epoch": epoch, **{k: r[k] for k in CURVE_METRICS},
+                      **({"code_protocol": r["code_protocol"]} if "code_protocol" in r else {})})
         if path is not None:
             atomic_write_bytes(path, json.dumps(curve).encode())
 
