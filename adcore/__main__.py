@@ -57,8 +57,8 @@ def _parser() -> argparse.ArgumentParser:
         "Parameters layer in a fixed order: the notebook's parameters cell, then each --params entry's files in "
         "order, then --set (and --data-root), then --categories and --seeds. Each --params entry is one run; "
         "'paper+my-mvtec.yaml' stacks two files into one. To shorten every notebook at once: --set num_epochs=1 "
-        "amplify_epochs=1 distill_epochs=1 (AAND names its two stages' epochs apart; a schedule follows its epochs "
-        "unless set itself).")
+        "amplify_epochs=1 distill_epochs=1 conv_ae_epochs=1 (AAND names its two stages' epochs apart, AnoViT's "
+        "notebook its conv AE baseline's; a schedule follows its epochs unless set itself).")
     sel.add_argument("notebooks", nargs="*", help="notebook names (vt_adl) or paths; default: all in notebooks/")
     sel.add_argument("--grid", help="a grid YAML (notebooks, params, categories, seeds); flags below override it")
     sel.add_argument("--params", nargs="+", help="parameter entries, one run each: names under notebooks/params/<nb>/ "
