@@ -496,8 +496,8 @@ def test_runs_start_longest_expected_first(tmp_path):
     runs = [_fake_run(tmp_path, n) for n in names]
     # no run has finished before: the per-notebook estimates, unknown notebooks at the default, ties in planned order
     assert [runs[i].name for i in execute.start_order(runs)] == [
-        "vt_adl", "advit", "dmad", "aand", "anovit", "baselines", "mine"]
-    assert execute.expected_seconds(runs[5]) == (744.0, "estimate")
+        "vt_adl", "dmad", "anovit", "advit", "aand", "mine", "baselines"]
+    assert execute.expected_seconds(runs[5]) == (730.0, "estimate")
     assert execute.expected_seconds(runs[6]) == (execute.DEFAULT_EXPECTED_SECONDS, "default estimate")
     # a finished run's own wall time wins over the estimate; a failed attempt's partial time does not count
     for run, status, seconds in ((runs[2], "ok", 900.0), (runs[0], "failed", 5000.0)):
@@ -505,11 +505,11 @@ def test_runs_start_longest_expected_first(tmp_path):
         (execute.Path(run.run_dir) / execute.STATUS).write_text(json.dumps({"status": status, "seconds": seconds}))
     assert execute.expected_seconds(runs[2]) == (900.0, "last run")
     assert [runs[i].name for i in execute.start_order(runs)] == [
-        "anovit", "vt_adl", "advit", "dmad", "aand", "baselines", "mine"]
+        "anovit", "vt_adl", "dmad", "advit", "aand", "mine", "baselines"]
     # execute_runs hands them to the executor in that order and returns the statuses in planned order
     recorder, log = _RecordingExecutor(), []
     statuses = execute.execute_runs(runs, executor=recorder, progress=False, log=log.append)
-    assert recorder.order == ["anovit", "vt_adl", "advit", "dmad", "aand", "baselines", "mine"]
+    assert recorder.order == ["anovit", "vt_adl", "dmad", "advit", "aand", "mine", "baselines"]
     assert [s["name"] for s in statuses] == names
     assert log[:2] == ["  finished in    12.3 s: anovit [default] (ok)", "  finished in    12.3 s: vt_adl [default] (ok)"]
 
