@@ -31,7 +31,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 test: venv
-	$(PY) -m pytest -q -ra -n $(TEST_WORKERS) --dist loadgroup
+	$(PY) -m pytest -q -ra -n $(TEST_WORKERS) --dist loadgroup --durations=25
 
 # Everything but the notebook runs and the book build.
 test-fast: venv
