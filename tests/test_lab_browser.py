@@ -229,6 +229,10 @@ def _check_saved(notebook: Path, prepared_sha: str) -> None:
     assert _sha(notebook) == prepared_sha, "saving in JupyterLab changed the notebook's runs key"
 
 
+# Inside an xdist worker of the full suite the worker running this test died ("not properly terminated", three runs
+# in a row; alone, or with the deploy tests under xdist, it passes) and xdist then hung waiting for it: make test runs
+# it in a pytest process of its own, after the parallel suite. The cause is not found yet.
+@pytest.mark.own_process
 @pytest.mark.notebook
 def test_a_user_runs_a_paper_notebook_in_jupyterlab_and_the_live_viewer_answers(chromium, lab, tmp_path):
     from playwright.sync_api import sync_playwright
