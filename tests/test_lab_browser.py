@@ -170,8 +170,8 @@ def lab(tmp_path):
         [sys.executable, "-m", "jupyterlab", "--no-browser", "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}",
          "--ServerApp.port_retries=0", f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}",
          "--LabApp.news_url=None", "--allow-root"],
-        # stdin from /dev/null: under pytest-xdist the worker's stdin is its channel to the controller, and a child
-        # that inherits it can consume the controller's messages, after which the worker dies "not properly terminated"
+        # stdin from /dev/null: under pytest-xdist a worker's stdin is its channel to the controller, which no child
+        # should inherit (hygiene; it did not stop the worker crash noted at the test below)
         cwd=root, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
