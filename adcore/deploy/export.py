@@ -22,9 +22,11 @@ error gives the numbers.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -106,13 +108,36 @@ def onnx_session(path):
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def openvino_compiled(path):
-    """A compiled OpenVINO model for ``path`` (``model.xml`` or a folder holding one) on the CPU, in f32."""
+_CORE_LOCK = threading.Lock()
+
+
+@functools.cache
+def _openvino_core_unlocked():
     import openvino as ov
 
+    return ov.Core()
+
+
+def openvino_core():
+    """The process's one ``openvino.Core``, kept for the process's life.
+
+    Why only one: every Core that compiles for the CPU loads a CPU plugin instance of its own, and each instance swaps
+    the calling thread's signal stack (``sigaltstack``) for one it maps, saving the previous one; when it is destroyed
+    it restores that previous stack if its own is still current, and unmaps its own (OpenVINO's intel_cpu
+    ``SigAltStackSetup``). Two instances destroyed oldest first therefore leave the thread on the first one's unmapped
+    stack, and the next signal that has a Python handler (CPython installs them with ``SA_ONSTACK``: SIGCHLD from a
+    finished subprocess, SIGINT on Ctrl-C) kills the process with SIGSEGV. One Core holds one plugin instance, so the
+    stack is set once and stays mapped. ``tests/test_deploy_openvino.py`` reproduces the crash with two Cores.
+    """
+    with _CORE_LOCK:
+        return _openvino_core_unlocked()
+
+
+def openvino_compiled(path):
+    """A compiled OpenVINO model for ``path`` (``model.xml`` or a folder holding one) on the CPU, in f32."""
     path = Path(path)
     xml = path / "model.xml" if path.is_dir() else path
-    return ov.Core().compile_model(str(xml), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    return openvino_core().compile_model(str(xml), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
 
 
 def export_openvino(model_path, out_dir, *, check: bool = True) -> dict:

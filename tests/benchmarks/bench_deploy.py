@@ -109,7 +109,7 @@ def throughput(args) -> None:
     import openvino as ov
 
     import adcore
-    from adcore.deploy.export import _torch_backend, export_model
+    from adcore.deploy.export import _torch_backend, export_model, openvino_core
     from adcore.deploy.postprocess import ScoringGraph
     from adcore.deploy.train import _takes_image_size, resolve_settings
 
@@ -135,7 +135,7 @@ def throughput(args) -> None:
                 options.intra_op_num_threads, options.inter_op_num_threads = args.threads, 1
                 session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
                 # the ONNX file through OpenVINO's own converter, f32 as `export --format openvino` checks it
-                compiled = ov.Core().compile_model(ov.convert_model(str(onnx_path)), "CPU", {
+                compiled = openvino_core().compile_model(ov.convert_model(str(onnx_path)), "CPU", {
                     "INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": args.threads})
                 graph = ScoringGraph(model, size).eval()
                 for batch in args.batches:
