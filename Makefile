@@ -30,10 +30,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[test,deploy]"
 	touch $@
 
-# Tests marked own_process run afterwards in one pytest process of their own (see the marker in pyproject.toml).
 test: venv
-	$(PY) -m pytest -q -ra -n $(TEST_WORKERS) --dist loadgroup --durations=25 -m "not own_process"
-	$(PY) -m pytest -q -ra -m own_process
+	$(PY) -m pytest -q -ra -n $(TEST_WORKERS) --dist loadgroup --durations=25
 
 # Everything but the notebook runs and the book build.
 test-fast: venv

@@ -170,8 +170,7 @@ def lab(tmp_path):
         [sys.executable, "-m", "jupyterlab", "--no-browser", "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}",
          "--ServerApp.port_retries=0", f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}",
          "--LabApp.news_url=None", "--allow-root"],
-        # stdin from /dev/null: under pytest-xdist a worker's stdin is its channel to the controller, which no child
-        # should inherit (hygiene; it did not stop the worker crash noted at the test below)
+        # stdin from /dev/null: the server reads none, and a test's stdin is pytest's
         cwd=root, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -229,10 +228,6 @@ def _check_saved(notebook: Path, prepared_sha: str) -> None:
     assert _sha(notebook) == prepared_sha, "saving in JupyterLab changed the notebook's runs key"
 
 
-# Inside an xdist worker of the full suite the worker running this test died ("not properly terminated", three runs
-# in a row; alone, or with the deploy tests under xdist, it passes) and xdist then hung waiting for it: make test runs
-# it in a pytest process of its own, after the parallel suite. The cause is not found yet.
-@pytest.mark.own_process
 @pytest.mark.notebook
 def test_a_user_runs_a_paper_notebook_in_jupyterlab_and_the_live_viewer_answers(chromium, lab, tmp_path):
     from playwright.sync_api import sync_playwright
