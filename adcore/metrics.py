@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import numpy as np
 import scipy.ndimage
-from sklearn.metrics import auc, precision_recall_curve, roc_auc_score
+
+# sklearn.metrics is imported in the functions that use it: at the top it added a second to every `import adcore`
+# (each CLI call, notebook kernel and runner process).
 
 __all__ = [
     "image_auroc",
@@ -127,6 +129,7 @@ def image_auroc(labels, scores) -> float:
         AUROC in [0, 1] (sklearn's `roc_auc_score`; a tie between a good and an anomalous image counts half).
     """
     labels, scores = _check_labels_scores(labels, scores)
+    from sklearn.metrics import roc_auc_score
     return float(roc_auc_score(labels, scores))
 
 
@@ -151,6 +154,7 @@ def pixel_auroc(maps, masks, reference: bool = False) -> float:
         raise ValueError("masks must contain both normal (0) and anomalous (1) pixels to compute a pixel AUROC")
     scores, positive = maps.ravel(), masks.ravel()
     if reference:
+        from sklearn.metrics import roc_auc_score
         return float(roc_auc_score(positive, scores.astype(np.float64)))
     normal_sorted = np.sort(scores[~positive])
     anomalous = np.sort(scores[positive])  # sorted queries keep the binary searches cache-friendly
@@ -176,6 +180,7 @@ def f1_max(labels, scores) -> float:
         max over thresholds t of 2PR / (P + R) for the rule "anomalous iff score >= t".
     """
     labels, scores = _check_labels_scores(labels, scores)
+    from sklearn.metrics import precision_recall_curve
     precision, recall, _ = precision_recall_curve(labels, scores)
     denom = precision + recall
     f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(denom), where=denom > 0)
@@ -418,6 +423,7 @@ def pro_rd4ad(maps, masks, num_th: int = 200, reference: bool = False) -> float:
     fpr, pro = fpr[keep], pro[keep]
     if fpr.max() == 0:
         raise ValueError("every kept threshold has FPR 0; pro_rd4ad's normalisation by max FPR divides by 0")
+    from sklearn.metrics import auc
     return float(auc(fpr / fpr.max(), pro))
 
 

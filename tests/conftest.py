@@ -21,6 +21,21 @@ if not torch.cuda.is_available():
 # Two cores in CI: more threads than cores only adds contention, and each xdist worker gets its share of them.
 torch.set_num_threads(max(1, min(2, torch.get_num_threads()) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", 1))))
 
+# Seconds each slow module took in `make test` on 2 cores (its tests' --durations summed, 2026-12-04; module fixtures
+# once). `make test` hands whole modules to the xdist workers in collection order (--dist loadscope
+# --no-loadscope-reorder), so collecting the slowest first starts them at once and lets the short ones fill the end.
+MODULE_SECONDS = {
+    "test_dask_runner.py": 398, "test_user_path.py": 301, "test_deploy_openvino.py": 156, "test_deploy.py": 140,
+    "test_runner.py": 123, "test_notebooks_vit.py": 112, "test_book.py": 88, "test_gpu_check_script.py": 80,
+    "test_notebooks_rd.py": 71, "test_paper_shapes_rd.py": 68, "test_paper_shapes_vit.py": 67,
+    "test_deploy_hostile.py": 51, "test_viewer.py": 38, "test_lab_browser.py": 38, "test_textures_threshold.py": 21,
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: -MODULE_SECONDS.get(item.path.name, 0))  # stable: each module's tests stay in order
+
+
 #: The categories of ``fake_mvtec_tree``: objects and a texture, so that both MVTec AD means have a row.
 FAKE_CATEGORIES = ("bottle", "cable", "carpet")  # two objects and a texture; the docs print bottle and cable
 

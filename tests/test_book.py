@@ -20,8 +20,7 @@ import pytest
 from adcore.runs import execute
 from adcore.book import build as book_builder
 
-# One worker builds the book (the module fixture) and runs every check on it.
-pytestmark = [pytest.mark.notebook, pytest.mark.xdist_group("book")]
+pytestmark = pytest.mark.notebook
 
 REPO = Path(__file__).resolve().parent.parent
 STATE_LIMIT = 3 * 2**20  # widget state per page

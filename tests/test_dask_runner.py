@@ -25,7 +25,7 @@ from adcore.__main__ import main
 from test_runner import _wait_for
 
 # One worker runs the reference grid and the cluster (module fixtures) for every test here.
-pytestmark = [pytest.mark.notebook, pytest.mark.slow, pytest.mark.xdist_group("dask_runner")]
+pytestmark = [pytest.mark.notebook, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[1]
 DASK = [sys.executable, "-m", "distributed.cli.dask_scheduler"], [sys.executable, "-m", "distributed.cli.dask_worker"]

@@ -25,9 +25,6 @@ from adcore.deploy.postprocess import Postprocess, ScoringGraph
 from adcore.deploy.threshold import conformal_rank, fit_threshold, quantile_threshold
 from adcore.evaluation import _postprocess
 
-# One worker trains the module fixtures' models (the CLI user path takes about 12 s) for every test here.
-pytestmark = pytest.mark.xdist_group("deploy")
-
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 

@@ -27,8 +27,6 @@ from adcore.data.folder import DataError, read_image
 from adcore.deploy.predict import PredictError, _read_rows, _write_rows, escape_cell, predict
 from adcore.deploy.threshold import fit_threshold
 
-pytestmark = pytest.mark.xdist_group("deploy")
-
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -20,7 +20,6 @@ from adcore.deploy.postprocess import ScoringGraph
 from adcore.deploy.threshold import fit_threshold
 
 pytest.importorskip("openvino")
-pytestmark = pytest.mark.xdist_group("deploy")
 
 VIT = dict(patch_size=8, embed_dim=32, num_heads=2, decoder_width=16)
 MODELS = {  # name: (model_params, image side)
