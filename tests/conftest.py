@@ -21,8 +21,8 @@ if not torch.cuda.is_available():
 # Two cores in CI: more threads than cores only adds contention, and each xdist worker gets its share of them.
 torch.set_num_threads(max(1, min(2, torch.get_num_threads()) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", 1))))
 
-# Seconds each slow module took in `make test` on 2 cores (its tests' --durations summed, 2026-12-04; module fixtures
-# once). `make test` hands whole modules to the xdist workers in collection order (--dist loadscope
+# Rough seconds each slow module takes in `make test` on 2 cores (its tests' --durations summed, 2026-12-04); only
+# their order matters. `make test` hands whole modules to the xdist workers in collection order (--dist loadscope
 # --no-loadscope-reorder), so collecting the slowest first starts them at once and lets the short ones fill the end.
 MODULE_SECONDS = {
     "test_dask_runner.py": 398, "test_user_path.py": 301, "test_deploy_openvino.py": 156, "test_deploy.py": 140,

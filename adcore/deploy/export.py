@@ -22,7 +22,6 @@ error gives the numbers.
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import os
 import tempfile
@@ -108,14 +107,8 @@ def onnx_session(path):
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
+_CORE = None
 _CORE_LOCK = threading.Lock()
-
-
-@functools.cache
-def _openvino_core_unlocked():
-    import openvino as ov
-
-    return ov.Core()
 
 
 def openvino_core():
@@ -127,10 +120,16 @@ def openvino_core():
     ``SigAltStackSetup``). Two instances destroyed oldest first therefore leave the thread on the first one's unmapped
     stack, and the next signal that has a Python handler (CPython installs them with ``SA_ONSTACK``: SIGCHLD from a
     finished subprocess, SIGINT on Ctrl-C) kills the process with SIGSEGV. One Core holds one plugin instance, so the
-    stack is set once and stays mapped. ``tests/test_deploy_openvino.py`` reproduces the crash with two Cores.
+    stack is set once and stays mapped. ``tests/test_deploy_openvino.py`` compiles twice in a subprocess, frees both
+    and sends it a signal (with a Core per compile it died of SIGSEGV).
     """
+    global _CORE
     with _CORE_LOCK:
-        return _openvino_core_unlocked()
+        if _CORE is None:
+            import openvino as ov
+
+            _CORE = ov.Core()
+        return _CORE
 
 
 def openvino_compiled(path):
